@@ -1,0 +1,153 @@
+"""The `longitudinal` console command.
+
+Each subcommand is a `Command` in `COMMANDS`: a function adding its arguments and a
+handler returning the exit status. Bad input (InputError, missing file) is one line on
+stderr and exit status 2; anything unexpected is one line and status 1 (--debug shows
+the traceback), so batch scripts can tell the user's mistake from a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .errors import InputError
+
+log = logging.getLogger("longitudinal")
+
+EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ----------------------------------------------------------------------------- studies
+
+
+def _studies_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR", type=Path, help="folder of studies: BIDS, <patient>/<visit>/..., or DICOM")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--layout", choices=("auto", "bids", "plain", "dicom"), default="auto",
+                   help="how DIR is organised (default: detect)")
+    p.add_argument("--series-description", metavar="REGEX",
+                   help="pick the DICOM series whose SeriesDescription matches REGEX in each visit")
+    p.add_argument("--allow-mixed-patients", action="store_true",
+                   help="accept follow-ups whose DICOM PatientID differs from the baseline's")
+
+
+def _fmt_size(size: Sequence[int]) -> str:
+    return "x".join(str(v) for v in size)
+
+
+def _fmt_spacing(spacing: Sequence[float]) -> str:
+    return "x".join(f"{v:.4g}" for v in spacing)
+
+
+def _shown_path(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve())) or "."
+    except ValueError:
+        return str(path)
+
+
+def _studies(args: argparse.Namespace) -> int:
+    from .timeline import TimelineSettings, discover
+
+    settings = TimelineSettings(layout=args.layout, series_description=args.series_description)
+    patients = discover(args.dir, settings, allow_mixed_patients=args.allow_mixed_patients)
+    if args.json:
+        doc = [{"id": p.id, "visits": [{
+            "id": v.id, "date": v.date.isoformat() if v.date else None, "modality": v.modality,
+            "size": list(v.size), "spacing": list(v.spacing), "path": str(v.path), "kind": v.kind,
+            "series_uid": v.series_uid} for v in p.visits]} for p in patients]
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    header = ("patient", "visit", "date", "modality", "size", "spacing (mm)", "path")
+    rows = [(p.id, v.id, v.date.isoformat() if v.date else "-", v.modality or "-", _fmt_size(v.size),
+             _fmt_spacing(v.spacing), _shown_path(v.path, args.dir)) for p in patients for v in p.visits]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    n_visits = sum(len(p.visits) for p in patients)
+    print(f"{len(patients)} patient(s), {n_visits} visit(s)", file=sys.stderr)
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Command] = {
+    "studies": Command("list the patients and visits found under a folder", _studies_arguments, _studies),
+}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Global flags are accepted before or after the subcommand name.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks and debug logs")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log what is being done")
+    parser = argparse.ArgumentParser(
+        prog="longitudinal", parents=[common],
+        description="Find the small regions that changed between a patient's scans across visits.")
+    parser.add_argument("--version", action="version", version=f"longitudinal {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help, parents=[common])
+        cmd.add_arguments(p)
+    return parser
+
+
+def _setup_logging(level: int) -> None:
+    """Our own logger only (not the root), one handler however often main() runs in a process."""
+    for old in [h for h in log.handlers if getattr(h, "_longitudinal_cli", False)]:
+        log.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)  # the current stderr: callers and tests may swap it
+    handler._longitudinal_cli = True
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug, verbose = getattr(args, "debug", False), getattr(args, "verbose", False)
+    _setup_logging(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return COMMANDS[args.command].run(args)
+    except (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        if debug:
+            traceback.print_exc()
+        msg = str(exc) if isinstance(exc, InputError) else f"{exc.filename}: {exc.strerror}"
+        print(f"longitudinal: error: {' '.join(msg.split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: one line unless --debug
+        if debug:
+            traceback.print_exc()
+        else:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            print(f"longitudinal: unexpected error: {type(exc).__name__}: {first} (run with --debug for the "
+                  "traceback)", file=sys.stderr)
+        return EXIT_BUG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,935 @@
+"""Loading and saving images: one internal type for DICOM, NIfTI and 2D pictures.
+
+`Image` wraps a SimpleITK image, which already carries voxels, spacing, origin and
+direction in LPS physical space, plus the metadata a report needs.
+
+Decisions (documented here because users hit them):
+- A DICOM series is ordered by ImagePositionPatient projected on the slice normal
+  (cross product of the ImageOrientationPatient rows), never by file name or
+  InstanceNumber. Missing slices, uneven spacing, duplicated positions, mixed
+  orientations and sheared stacks (gantry tilt) are refused rather than resampled
+  silently: a wrong geometry would show up later as a fake "change".
+- A folder holding several image series is refused unless `series_uid=` picks one;
+  the error lists the series. Guessing would silently compare different sequences.
+- An image with one frame (a single DICOM slice, PNG, JPEG) is 2D; its position in
+  the patient is dropped because 2D registration works in the image plane.
+- Multi-frame DICOM becomes a 3D volume when every frame has a position (enhanced
+  multi-frame, RT dose grids); cine/time-series multi-frame files are refused.
+- 4D NIfTI is refused (the error says how many volumes it holds) rather than
+  silently taking the first volume. NIfTI-2 is refused: SimpleITK cannot read it.
+- Pixels are decoded by SimpleITK (GDCM handles JPEG, JPEG-LS, JPEG 2000, RLE and
+  applies rescale slope/intercept); pydicom (pixel_array + modality LUT) is the
+  fallback for the few files GDCM rejects. Non-integral rescale gives float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.errors import InvalidDicomError
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+NIFTI_EXTS = (".nii", ".nii.gz")
+PICTURE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+ITK_EXTS = (".nrrd", ".nhdr", ".mha", ".mhd")
+DICOM_EXTS = (".dcm", ".dicom", ".ima", "")
+# Files that commonly sit next to DICOM series and are never images.
+_NEVER_IMAGE_EXTS = (".txt", ".json", ".tsv", ".csv", ".md", ".xml", ".html", ".pdf", ".zip", ".gz", ".py",
+                     ".dump", ".icc", ".ini", ".log", ".bval", ".bvec")
+
+# Relative tolerance on slice steps: scanners write positions with ~1e-4 mm jitter.
+_STEP_RTOL = 0.01
+_STEP_ATOL = 1e-3  # mm
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What a report needs to know about where an image came from."""
+
+    patient_id: str | None = None
+    patient_name: str | None = None
+    study_date: str | None = None  # YYYYMMDD
+    study_time: str | None = None  # HHMMSS
+    modality: str | None = None  # DICOM modality code: MR, CT, OP, XC, ...
+    series_description: str | None = None
+    series_uid: str | None = None
+    sources: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Image:
+    """A 2D or 3D image in physical space (SimpleITK's LPS convention)."""
+
+    itk: sitk.Image
+    meta: Meta = field(default_factory=Meta)
+
+    @property
+    def dim(self) -> int:
+        return self.itk.GetDimension()
+
+    @property
+    def size(self) -> tuple[int, ...]:
+        return tuple(self.itk.GetSize())
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        return tuple(self.itk.GetSpacing())
+
+    @property
+    def origin(self) -> tuple[float, ...]:
+        return tuple(self.itk.GetOrigin())
+
+    @property
+    def direction(self) -> tuple[float, ...]:
+        return tuple(self.itk.GetDirection())
+
+    @property
+    def is_rgb(self) -> bool:
+        return self.itk.GetNumberOfComponentsPerPixel() > 1
+
+    @property
+    def array(self) -> np.ndarray:
+        """Voxels as numpy, axes reversed as SimpleITK does: (z, y, x[, channel])."""
+        return sitk.GetArrayFromImage(self.itk)
+
+    def with_itk(self, itk: sitk.Image) -> "Image":
+        """The same metadata on new voxels (e.g. after resampling or filtering)."""
+        return dataclasses.replace(self, itk=itk)
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One DICOM image series found by a header-only scan, slices already in spatial order."""
+
+    uid: str
+    files: tuple[Path, ...]  # one per slice in spatial order (a multi-frame series has one file)
+    size: tuple[int, ...]  # SimpleITK order (x, y[, z])
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+    components: int = 1
+    modality: str | None = None
+    description: str | None = None
+    patient_id: str | None = None
+    patient_name: str | None = None
+    study_date: str | None = None
+    study_time: str | None = None
+    study_uid: str | None = None
+    rescale_float: bool = False  # some slice has a non-integral slope/intercept
+    problem: str | None = None  # why the series cannot be loaded, found from headers alone
+    problem_path: Path | None = None  # the file the problem is about
+
+    @property
+    def folder(self) -> Path:
+        return Path(os.path.commonpath([str(f.parent) for f in self.files])) if self.files else Path(".")
+
+    @property
+    def n_slices(self) -> int:
+        return self.size[2] if len(self.size) == 3 else 1
+
+    def meta(self) -> Meta:
+        return Meta(patient_id=self.patient_id, patient_name=self.patient_name, study_date=self.study_date,
+                    study_time=self.study_time, modality=self.modality, series_description=self.description,
+                    series_uid=self.uid, sources=tuple(str(f) for f in self.files))
+
+    def label(self) -> str:
+        """One line naming the series for error messages and logs (no patient data)."""
+        what = f"{self.n_slices} slices" if len(self.size) == 3 else "1 image"
+        return f"{self.uid} '{self.description or ''}' {self.modality or '?'} {what}"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """Header-only facts about an image: enough to list studies without loading voxels."""
+
+    path: Path
+    kind: str  # "dicom" (series folder or file), "nifti", "picture" (PNG/JPEG/...), "itk" (NRRD/MHA)
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    components: int = 1
+    modality: str | None = None
+    patient_id: str | None = None
+    study_date: str | None = None  # YYYYMMDD
+    study_time: str | None = None
+    series_uid: str | None = None
+    description: str | None = None
+
+    @property
+    def dim(self) -> int:
+        return len(self.size)
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _ext(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return Path(name).suffix
+
+
+def _exists(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(p, "no such file or folder")
+    return p
+
+
+def _str(value) -> str | None:
+    if value is None:
+        return None
+    s = str(value).strip()
+    return s or None
+
+
+def _floats(value, n: int | None = None) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    if n is not None and len(out) != n:
+        return None
+    return out
+
+
+def _integral(x: float) -> bool:
+    return float(x).is_integer()
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _read_header(path: Path, *, strict: bool) -> pydicom.Dataset | None:
+    """The DICOM header of `path`, or None when it is not DICOM.
+
+    Files without the 128-byte preamble are read with force=True and accepted only if
+    they carry a SOP Class UID, so a random binary file is not taken for DICOM.
+    With `strict`, a file with the DICOM preamble whose header cannot be parsed raises.
+    """
+    magic = _has_dicom_magic(path)
+    if not magic and _ext(path) in _NEVER_IMAGE_EXTS + NIFTI_EXTS + PICTURE_EXTS + ITK_EXTS:
+        return None
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=not magic)
+    except InvalidDicomError:
+        return None
+    except Exception as exc:  # pydicom raises many types on truncated or corrupt headers
+        if magic and strict:
+            raise InputError(path, f"DICOM header is truncated or corrupt ({type(exc).__name__}: {exc})") from exc
+        if magic:
+            log.warning("skipping %s: corrupt DICOM header (%s)", path, type(exc).__name__)
+        return None
+    if not magic and "SOPClassUID" not in ds:
+        return None
+    return ds
+
+
+def _sop_name(ds: pydicom.Dataset) -> str:
+    uid = ds.get("SOPClassUID")
+    try:
+        return uid.name if uid is not None else "unknown SOP class"
+    except Exception:
+        return str(uid)
+
+
+def _is_image(ds: pydicom.Dataset) -> bool:
+    return "Rows" in ds and "Columns" in ds and ds.get("Rows") and ds.get("Columns")
+
+
+def _not_an_image(path: Path, ds: pydicom.Dataset) -> InputError:
+    if "Image Storage" in _sop_name(ds):
+        # An image SOP class without Rows/Columns: pydicom stops quietly at the end of a cut file.
+        return InputError(path, f"DICOM {_sop_name(ds)} header has no Rows/Columns: file truncated or corrupt")
+    return InputError(path, f"not an image: DICOM {_sop_name(ds)} (Modality {ds.get('Modality', '?')}) "
+                            "holds no pixel data")
+
+
+# ----------------------------------------------------------------------------- DICOM geometry
+
+
+@dataclass(frozen=True)
+class _Slice:
+    path: Path
+    frame: int | None  # frame index inside a multi-frame file
+    ipp: tuple[float, float, float] | None
+    iop: tuple[float, ...] | None
+    pixel_spacing: tuple[float, float] | None  # (row step, column step) as in DICOM
+    rows: int
+    cols: int
+    components: int
+    slope: float
+    intercept: float
+
+
+def _pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    for key in ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing"):
+        ps = _floats(ds.get(key), 2)
+        if ps and all(v > 0 for v in ps):
+            return ps
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        try:
+            return _floats(shared[0].PixelMeasuresSequence[0].PixelSpacing, 2)
+        except (AttributeError, IndexError):
+            pass
+    return None
+
+
+def _rescale(ds: pydicom.Dataset) -> tuple[float, float]:
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is None:
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        try:
+            pvt = shared[0].PixelValueTransformationSequence[0]
+            slope, intercept = pvt.RescaleSlope, pvt.RescaleIntercept
+        except (AttributeError, IndexError, TypeError):
+            pass
+    try:
+        return float(slope if slope is not None else 1.0), float(intercept if intercept is not None else 0.0)
+    except (TypeError, ValueError):
+        return 1.0, 0.0
+
+
+def _slices_of(path: Path, ds: pydicom.Dataset) -> list[_Slice]:
+    """One entry per frame, with the frame's position when the header gives it."""
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    comps = int(ds.get("SamplesPerPixel", 1) or 1)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
+        comps = 3
+    slope, intercept = _rescale(ds)
+    ps = _pixel_spacing(ds)
+    try:
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        n_frames = 1
+    iop = _floats(ds.get("ImageOrientationPatient"), 6)
+    ipp = _floats(ds.get("ImagePositionPatient"), 3)
+    base = dict(path=path, rows=rows, cols=cols, components=comps, slope=slope, intercept=intercept)
+    if n_frames == 1:
+        return [_Slice(frame=None, ipp=ipp, iop=iop, pixel_spacing=ps, **base)]
+    # Enhanced multi-frame: positions per frame in functional groups.
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if per_frame and len(per_frame) == n_frames:
+        out = []
+        for k, item in enumerate(per_frame):
+            try:
+                f_ipp = _floats(item.PlanePositionSequence[0].ImagePositionPatient, 3)
+            except (AttributeError, IndexError):
+                f_ipp = None
+            f_iop = None
+            for group in (item, shared[0] if shared else None):
+                if f_iop is None and group is not None:
+                    try:
+                        f_iop = _floats(group.PlaneOrientationSequence[0].ImageOrientationPatient, 6)
+                    except (AttributeError, IndexError):
+                        pass
+            out.append(_Slice(frame=k, ipp=f_ipp, iop=f_iop or iop, pixel_spacing=ps, **base))
+        return out
+    # RT dose / NM style: one position plus offsets along the normal.
+    offsets = _floats(ds.get("GridFrameOffsetVector"))
+    if offsets and len(offsets) == n_frames and ipp and iop:
+        n = np.cross(iop[:3], iop[3:])
+        start = np.asarray(ipp) if offsets[0] == 0 else np.asarray(ipp) - np.dot(ipp, n) * n
+        return [_Slice(frame=k, ipp=tuple(start + off * n), iop=iop, pixel_spacing=ps, **base)
+                for k, off in enumerate(offsets)]
+    return [_Slice(frame=k, ipp=None, iop=None, pixel_spacing=ps, **base) for k in range(n_frames)]
+
+
+def _geometry(slices: list[_Slice]) -> tuple[list[_Slice], tuple, tuple, tuple, tuple, str | None, Path | None]:
+    """Order slices along the normal and check the stack is a regular grid.
+
+    Returns (ordered slices, size, spacing, origin, direction, problem, problem_path).
+    """
+    first = slices[0]
+    comps = first.components
+    ps = first.pixel_spacing or (1.0, 1.0)
+    spacing2 = (ps[1], ps[0])
+    if len(slices) == 1:
+        return slices, (first.cols, first.rows), spacing2, (0.0, 0.0), (1.0, 0.0, 0.0, 1.0), None, None
+
+    def fail(problem: str, path: Path | None = None):
+        return slices, (first.cols, first.rows, len(slices)), spacing2 + (1.0,), (0.0, 0.0, 0.0), \
+            tuple(np.eye(3).ravel()), problem, path or first.path
+
+    for s in slices:
+        if (s.rows, s.cols, s.components) != (first.rows, first.cols, comps):
+            return fail(f"slices differ in size: {first.cols}x{first.rows} in {first.path.name} but "
+                        f"{s.cols}x{s.rows} in {s.path.name}", s.path)
+    if any(s.ipp is None or s.iop is None for s in slices):
+        bad = next(s for s in slices if s.ipp is None or s.iop is None)
+        if bad.frame is not None:
+            return fail(f"multi-frame image with {len(slices)} frames but no per-frame positions "
+                        "(a cine or time series?); only spatial stacks are supported", bad.path)
+        return fail("slice without ImagePositionPatient/ImageOrientationPatient; cannot build a volume", bad.path)
+    iop0 = np.asarray(first.iop)
+    for s in slices:
+        if not np.allclose(s.iop, iop0, atol=1e-4):
+            return fail(f"slices have different orientations ({first.path.name} vs {s.path.name}); "
+                        "a localizer or a mix of series?", s.path)
+        if s.pixel_spacing and first.pixel_spacing and not np.allclose(s.pixel_spacing, first.pixel_spacing,
+                                                                         rtol=1e-4):
+            return fail(f"slices differ in pixel spacing ({first.path.name} vs {s.path.name})", s.path)
+    row, col = iop0[:3], iop0[3:]
+    normal = np.cross(row, col)
+    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
+        return fail(f"ImageOrientationPatient {tuple(iop0)} is not two orthogonal unit vectors")
+    order = sorted(range(len(slices)), key=lambda i: float(np.dot(slices[i].ipp, normal)))
+    slices = [slices[i] for i in order]
+    pos = np.array([np.dot(s.ipp, normal) for s in slices])
+    steps = np.diff(pos)
+    dup = np.flatnonzero(steps < _STEP_ATOL)
+    if dup.size:
+        a, b = slices[dup[0]], slices[dup[0] + 1]
+        where = f"{a.path.name} and {b.path.name}" if a.path != b.path else f"frames {a.frame} and {b.frame}"
+        return fail(f"duplicated slice position {pos[dup[0]]:.3f} mm along the normal in {where} "
+                    "(two series mixed, or a repeated acquisition?)", b.path)
+    expected = float(np.median(steps))
+    bad = np.flatnonzero(np.abs(steps - expected) > max(_STEP_RTOL * expected, _STEP_ATOL))
+    if bad.size:
+        i = int(bad[0])
+        ratio = steps[i] / expected
+        missing = ratio > 1.5 and abs(ratio - round(ratio)) < 0.1  # a whole number of slices is absent
+        kind = f"{round(ratio) - 1} missing slice(s)? gap" if missing else "uneven slice spacing: step"
+        return fail(f"{kind} of {steps[i]:.3f} mm between slice {i} (z={pos[i]:.3f}, {slices[i].path.name}) and "
+                    f"slice {i + 1} (z={pos[i + 1]:.3f}, {slices[i + 1].path.name}), expected {expected:.3f} mm",
+                    slices[i + 1].path)
+    ipp0 = np.asarray(slices[0].ipp)
+    for s, d in zip(slices, pos):
+        offset = np.asarray(s.ipp) - ipp0
+        in_plane = offset - np.dot(offset, normal) * normal
+        if np.linalg.norm(in_plane) > max(0.01 * expected, _STEP_ATOL) + 1e-3:
+            return fail(f"slices are sheared ({np.linalg.norm(in_plane):.2f} mm in-plane shift at {s.path.name}); "
+                        "gantry tilt is not supported, resample the series first", s.path)
+    direction = np.column_stack([row, col, normal])
+    return (slices, (first.cols, first.rows, len(slices)), spacing2 + (expected,), tuple(float(v) for v in ipp0),
+            tuple(float(v) for v in direction.ravel()), None, None)
+
+
+def _series_from(uid: str, entries: list[tuple[Path, pydicom.Dataset]]) -> SeriesInfo:
+    entries = sorted(entries, key=lambda e: str(e[0]))
+    slices: list[_Slice] = []
+    for path, ds in entries:
+        slices.extend(_slices_of(path, ds))
+    problem, problem_path = None, None
+    multi = [p for p, ds in entries if int(ds.get("NumberOfFrames", 1) or 1) > 1]
+    if multi and len(entries) > 1:
+        problem, problem_path = (f"series mixes {len(multi)} multi-frame file(s) with other files; "
+                                 "load one file at a time"), multi[0]
+    ordered, size, spacing, origin, direction, geo_problem, geo_path = _geometry(slices)
+    problem, problem_path = problem or geo_problem, problem_path or geo_path
+    ds0 = entries[0][1]
+    files = tuple(dict.fromkeys(s.path for s in ordered))
+    return SeriesInfo(
+        uid=uid, files=files, size=tuple(int(v) for v in size), spacing=tuple(float(v) for v in spacing),
+        origin=tuple(origin), direction=tuple(direction), components=slices[0].components,
+        modality=_str(ds0.get("Modality")), description=_str(ds0.get("SeriesDescription")),
+        patient_id=_str(ds0.get("PatientID")), patient_name=_str(ds0.get("PatientName")),
+        study_date=_str(ds0.get("StudyDate")), study_time=_str(ds0.get("StudyTime")),
+        study_uid=_str(ds0.get("StudyInstanceUID")),
+        rescale_float=any(not (_integral(s.slope) and _integral(s.intercept)) for s in slices)
+        or len({(s.slope, s.intercept) for s in slices}) > 1,
+        problem=problem, problem_path=problem_path)
+
+
+def _scan(folder: Path) -> tuple[list[SeriesInfo], list[tuple[Path, str]]]:
+    """Header-only scan: image series found under `folder`, and files skipped with why."""
+    groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
+    skipped: list[tuple[Path, str]] = []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        ds = _read_header(path, strict=True)
+        if ds is None:
+            skipped.append((path, "not DICOM"))
+            continue
+        if not _is_image(ds):
+            if "Image Storage" in _sop_name(ds):
+                raise _not_an_image(path, ds)  # an image file cut short: do not drop a slice silently
+            skipped.append((path, f"DICOM {_sop_name(ds)} without pixels"))
+            continue
+        uid = _str(ds.get("SeriesInstanceUID")) or f"(no SeriesInstanceUID: {path.name})"
+        groups.setdefault(uid, []).append((path, ds))
+    series = [_series_from(uid, entries) for uid, entries in groups.items()]
+    series.sort(key=lambda s: (s.study_date or "", s.study_time or "", s.uid))
+    return series, skipped
+
+
+def scan_dicom(folder: str | os.PathLike) -> list[SeriesInfo]:
+    """All DICOM image series under `folder` (recursive), from headers only.
+
+    Series whose geometry is unusable are returned with `problem` set, so a caller can
+    list them or skip them; non-DICOM files and DICOM objects without pixels are skipped.
+    """
+    folder = _exists(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "not a folder")
+    return _scan(folder)[0]
+
+
+def _pick_series(folder: Path, series: list[SeriesInfo], skipped: list[tuple[Path, str]],
+                 series_uid: str | None) -> SeriesInfo:
+    if not series:
+        if skipped:
+            kinds = sorted({why for _, why in skipped})
+            raise InputError(folder, f"no DICOM image found among {len(skipped)} file(s) ({'; '.join(kinds)})")
+        raise InputError(folder, "folder is empty")
+    if series_uid is not None:
+        match = [s for s in series if s.uid == series_uid]
+        if not match:
+            raise InputError(folder, f"no series with SeriesInstanceUID {series_uid}; found: "
+                                     + "; ".join(s.label() for s in series))
+        return match[0]
+    if len(series) > 1:
+        raise InputError(folder, f"{len(series)} image series in this folder, choose one with series_uid=: " + "; ".join(s.label() for s in series))
+    return series[0]
+
+
+# ----------------------------------------------------------------------------- DICOM pixels
+
+
+def _decode_file(path: Path) -> np.ndarray:
+    """Real-valued pixels of one DICOM file as (frames, rows, cols[, channels])."""
+    try:
+        img = sitk.ReadImage(str(path), imageIO="GDCMImageIO")
+        arr = sitk.GetArrayFromImage(img)
+        if img.GetDimension() == 2:
+            arr = arr[None]
+    except RuntimeError as sitk_exc:
+        try:
+            ds = pydicom.dcmread(path, force=True)
+            raw = ds.pixel_array
+            try:
+                from pydicom.pixels import apply_color_lut, apply_modality_lut
+            except ImportError:  # pydicom < 3
+                from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut
+            if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
+                arr = apply_color_lut(raw, ds)
+            else:
+                arr = apply_modality_lut(raw, ds)
+            n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+            if n_frames == 1:
+                arr = arr[None]
+        except Exception as exc:
+            if not _has_pixel_data(path):
+                raise InputError(path, "DICOM file has image attributes but no pixel data") from exc
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(":")
+            raise InputError(path, f"pixel data is truncated or cannot be decoded ({_transfer_syntax(path)}): "
+                                   f"{reason[:200]}") from exc
+    if arr.dtype == np.float64:
+        arr = arr.astype(np.float32)
+    return np.ascontiguousarray(arr)
+
+
+def _has_pixel_data(path: Path) -> bool:
+    try:
+        ds = pydicom.dcmread(path, force=True, specific_tags=["PixelData", "FloatPixelData", "DoubleFloatPixelData"])
+    except Exception:
+        return True  # unreadable: report it as a decoding failure
+    return any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+
+
+def _transfer_syntax(path: Path) -> str:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, force=True).file_meta.TransferSyntaxUID.name
+    except Exception:
+        return "unknown transfer syntax"
+
+
+def _load_series(info: SeriesInfo) -> Image:
+    if info.problem:
+        raise InputError(info.problem_path or info.folder, info.problem)
+    if len(info.size) == 3 and len(info.files) == info.size[2]:
+        # One file per slice: ITK's series reader decodes in the order we give it.
+        arr = None
+        try:
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames([str(f) for f in info.files])
+            reader.SetImageIO("GDCMImageIO")
+            if info.rescale_float:
+                reader.SetOutputPixelType(sitk.sitkVectorFloat32 if info.components > 1 else sitk.sitkFloat32)
+            arr = sitk.GetArrayFromImage(reader.Execute())
+        except RuntimeError:
+            log.debug("ITK series reader failed on %s; decoding file by file", info.folder)
+        if arr is None:
+            arr = np.concatenate([_decode_file(f) for f in info.files], axis=0)
+            if info.rescale_float:
+                arr = arr.astype(np.float32)
+    else:
+        # A single file: one image, or a multi-frame stack that needs its frames reordered.
+        (path,) = info.files
+        arr = _decode_file(path)
+        if len(info.size) == 3:
+            ds = _read_header(path, strict=True)
+            frames = _slices_of(path, ds)
+            normal = np.asarray(info.direction).reshape(3, 3)[:, 2]
+            order = np.argsort([np.dot(s.ipp, normal) for s in frames], kind="stable")
+            arr = arr[order]
+        else:
+            arr = arr[0]
+    if arr.dtype == np.float64:
+        arr = arr.astype(np.float32)
+    img = sitk.GetImageFromArray(arr, isVector=info.components > 1)
+    img.SetSpacing(info.spacing)
+    img.SetOrigin(info.origin)
+    img.SetDirection(info.direction)
+    return Image(img, info.meta())
+
+
+def _load_dicom_file(path: Path) -> Image:
+    ds = _read_header(path, strict=True)
+    if ds is None:
+        raise InputError(path, "not a DICOM file (and no known image extension)")
+    if not _is_image(ds):
+        raise _not_an_image(path, ds)
+    uid = _str(ds.get("SeriesInstanceUID")) or path.name
+    return _load_series(_series_from(uid, [(path, ds)]))
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check_voxels(path: Path, img: sitk.Image) -> None:
+    arr = sitk.GetArrayViewFromImage(img)
+    if arr.size == 0:
+        raise InputError(path, "image is empty (no voxels)")
+    if np.issubdtype(arr.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        if bad:
+            raise InputError(path, f"image holds {bad} NaN or infinite voxel(s) of {arr.size}")
+    lo, hi = arr.min(), arr.max()
+    if lo == hi:
+        raise InputError(path, f"image is constant (every voxel is {lo}); nothing to compare")
+
+
+def _check_jpeg_complete(path: Path) -> None:
+    """Refuse a cut JPEG: libjpeg fills the missing part with grey and only warns on stderr."""
+    with open(path, "rb") as fh:
+        fh.seek(max(0, path.stat().st_size - 1024))
+        tail = fh.read()
+    if b"\xff\xd9" not in tail:
+        raise InputError(path, "JPEG file is truncated (no end-of-image marker)")
+
+
+def _read_itk(path: Path, kind: str) -> sitk.Image:
+    if kind == "nifti":
+        _check_nifti_complete(path)
+    if _ext(path) in (".jpg", ".jpeg"):
+        _check_jpeg_complete(path)
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        if kind == "nifti" and _nifti_version(path) == 2:
+            raise InputError(path, "NIfTI-2 files are not supported (SimpleITK reads NIfTI-1); "
+                                   "convert with nibabel: nib.Nifti1Image(img.dataobj, img.affine)") from exc
+        reason = str(exc).strip().splitlines()[-1]
+        raise InputError(path, f"cannot read {kind} file (truncated or corrupt?): {reason[:200]}") from exc
+
+
+def _nifti_version(path: Path) -> int | None:
+    import gzip
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return None
+    if len(head) < 4:
+        return None
+    size = min(int.from_bytes(head, "little"), int.from_bytes(head, "big"))
+    return 2 if size == 540 else 1 if size == 348 else None
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse a cut NIfTI: SimpleITK zero-fills the missing voxels without a word (checked on .nii and .nii.gz)."""
+    import gzip
+    import struct
+    import zlib
+
+    gz = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open if gz else open)(path, "rb") as fh:
+            hdr = fh.read(348)
+            total = len(hdr)
+            if gz:
+                while chunk := fh.read(1 << 22):
+                    total += len(chunk)
+            else:
+                total = path.stat().st_size
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError(path, f"compressed NIfTI is truncated or corrupt ({exc})") from exc
+    if len(hdr) < 348:
+        raise InputError(path, f"NIfTI header is truncated ({len(hdr)} of 348 bytes)")
+    for order in "<>":
+        if struct.unpack(order + "i", hdr[:4])[0] == 348:
+            break
+    else:
+        return  # NIfTI-2 or not NIfTI: the reader gives the error
+    dims = struct.unpack(order + "8h", hdr[40:56])
+    bitpix = struct.unpack(order + "h", hdr[72:74])[0]
+    vox_offset = struct.unpack(order + "f", hdr[108:112])[0]
+    if not 1 <= dims[0] <= 7 or bitpix <= 0:
+        raise InputError(path, f"NIfTI header is corrupt (dim[0]={dims[0]}, bitpix={bitpix})")
+    needed = int(vox_offset) + int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]], dtype=np.int64)) * bitpix // 8
+    if total < needed:
+        raise InputError(path, f"NIfTI file is truncated: {total} bytes of voxel data and header, expected {needed}")
+
+
+def _kind(path: Path) -> str:
+    ext = _ext(path)
+    if ext in NIFTI_EXTS:
+        return "nifti"
+    if ext in PICTURE_EXTS:
+        return "picture"
+    if ext in ITK_EXTS:
+        return "itk"
+    if ext in DICOM_EXTS or _has_dicom_magic(path):
+        return "dicom"
+    raise InputError(path, f"unsupported file type '{ext}' (expected a DICOM file or series folder, NIfTI "
+                           ".nii/.nii.gz, PNG/JPEG/TIFF/BMP, NRRD or MHA)")
+
+
+def _itk_image(path: Path, kind: str) -> Image:
+    img = _read_itk(path, kind)
+    if img.GetDimension() == 4:
+        raise InputError(path, f"4D image with {img.GetSize()[3]} volumes; extract one volume first "
+                               "(this tool compares 3D volumes or 2D images)")
+    if img.GetDimension() == 3 and img.GetSize()[2] == 1 and kind == "picture":
+        img = img[:, :, 0]
+    n = img.GetNumberOfComponentsPerPixel()
+    if kind == "picture" and n in (2, 4):
+        # Grey+alpha or RGBA: alpha is not image content.
+        keep = [sitk.VectorIndexSelectionCast(img, i) for i in range(n - 1)]
+        img = keep[0] if n == 2 else sitk.Compose(keep)
+    modality = None
+    description = None
+    if kind == "nifti" and img.HasMetaDataKey("descrip"):
+        description = _str(img.GetMetaData("descrip"))
+    return Image(img, Meta(modality=modality, series_description=description, sources=(str(path),)))
+
+
+def load_image(path: str | os.PathLike, series_uid: str | None = None) -> Image:
+    """Read one image: a DICOM series folder or file, NIfTI, or a 2D picture.
+
+    Raises InputError naming the file for anything the later stages could not use.
+    """
+    path = _exists(path)
+    if path.is_dir():
+        series, skipped = _scan(path)
+        info = _pick_series(path, series, skipped, series_uid)
+        image = _load_series(info)
+        where = info.folder
+    else:
+        if path.stat().st_size == 0:
+            raise InputError(path, "file is empty (0 bytes)")
+        kind = _kind(path)
+        if kind == "dicom":
+            image = _load_dicom_file(path)
+            if series_uid is not None and image.meta.series_uid != series_uid:
+                raise InputError(path, f"file belongs to series {image.meta.series_uid}, not {series_uid}")
+        else:
+            image = _itk_image(path, kind)
+        where = path
+    _check_voxels(where, image.itk)
+    log.debug("loaded %s: size %s spacing %s", path, image.size, image.spacing)
+    return image
+
+
+def describe(path: str | os.PathLike, series_uid: str | None = None) -> ImageInfo:
+    """Header-only facts about an image (no voxels read), with the same refusals as load_image
+    for anything the header alone can reveal (geometry, 4D, non-image DICOM)."""
+    path = _exists(path)
+    if path.is_dir():
+        series, skipped = _scan(path)
+        info = _pick_series(path, series, skipped, series_uid)
+        if info.problem:
+            raise InputError(info.problem_path or path, info.problem)
+        return _info_from_series(path, info)
+    if path.stat().st_size == 0:
+        raise InputError(path, "file is empty (0 bytes)")
+    kind = _kind(path)
+    if kind == "dicom":
+        ds = _read_header(path, strict=True)
+        if ds is None:
+            raise InputError(path, "not a DICOM file (and no known image extension)")
+        if not _is_image(ds):
+            raise _not_an_image(path, ds)
+        info = _series_from(_str(ds.get("SeriesInstanceUID")) or path.name, [(path, ds)])
+        if info.problem:
+            raise InputError(path, info.problem)
+        return _info_from_series(path, info)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        _read_itk(path, kind)  # raises the same clear error load_image would
+        raise InputError(path, f"cannot read {kind} header") from exc
+    size = tuple(int(v) for v in reader.GetSize())
+    spacing = tuple(float(v) for v in reader.GetSpacing())
+    comps = reader.GetNumberOfComponents()
+    if len(size) == 4:
+        raise InputError(path, f"4D image with {size[3]} volumes; extract one volume first "
+                               "(this tool compares 3D volumes or 2D images)")
+    if kind == "picture":
+        if len(size) == 3 and size[2] == 1:
+            size, spacing = size[:2], spacing[:2]
+        comps = comps - 1 if comps in (2, 4) else comps
+    return ImageInfo(path=path, kind=kind, size=size, spacing=spacing, components=comps)
+
+
+def _info_from_series(path: Path, info: SeriesInfo) -> ImageInfo:
+    return ImageInfo(path=path, kind="dicom", size=info.size, spacing=info.spacing, components=info.components,
+                     modality=info.modality, patient_id=info.patient_id, study_date=info.study_date,
+                     study_time=info.study_time, series_uid=info.uid, description=info.description)
+
+
+def _atomic_target(path: Path) -> Path:
+    """A temporary name in the destination folder that keeps the extension SimpleITK keys on."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + path.name, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def save_image(image: Image, path: str | os.PathLike) -> Path:
+    """Write `image` (NIfTI, NRRD, MHA, PNG/JPEG...) atomically: a reader never sees half a file."""
+    path = Path(path)
+    ext = _ext(path)
+    if ext not in NIFTI_EXTS + PICTURE_EXTS + ITK_EXTS:
+        raise ValueError(f"{path}: cannot write '{ext}' files; use .nii.gz, .nrrd, .mha or .png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _atomic_target(path)
+    try:
+        try:
+            sitk.WriteImage(image.itk, str(tmp), useCompression=ext in (".nrrd", ".mha"))
+        except RuntimeError as exc:
+            reason = (str(exc).strip().splitlines() or [""])[-1]
+            raise ValueError(f"{path}: SimpleITK cannot write this {image.itk.GetPixelIDTypeAsString()} "
+                             f"image as '{ext}': {reason[:200]}") from exc
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+# ----------------------------------------------------------------------------- DICOM export
+
+
+_SOP_FOR_MODALITY = {"CT": pydicom.uid.CTImageStorage, "MR": pydicom.uid.MRImageStorage,
+                     "PT": pydicom.uid.PositronEmissionTomographyImageStorage}
+
+
+def write_dicom_series(
+    folder: str | os.PathLike,
+    volume: np.ndarray,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    origin: Sequence[float] = (0.0, 0.0, 0.0),
+    iop: Sequence[float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+    *,
+    patient_id: str = "ANON",
+    patient_name: str = "Anonymous",
+    study_date: str = "20200101",
+    study_time: str = "120000",
+    modality: str = "MR",
+    series_description: str = "",
+    series_uid: str | None = None,
+    study_uid: str | None = None,
+    series_number: int = 1,
+    rescale: tuple[float, float] = (1.0, 0.0),
+    file_names: Sequence[str] | None = None,
+    instance_numbers: Sequence[int] | None = None,
+    seed: int = 0,
+) -> list[Path]:
+    """Write a (z, y, x) volume of real values as a DICOM series, one file per slice.
+
+    `spacing` is (x, y, z) as in SimpleITK; slice k sits at origin + k * spacing[2] * normal,
+    normal = row x column of `iop`. Stored pixels are int16 = round((value - intercept) / slope).
+    File names are random unless given, so readers cannot rely on them; `instance_numbers`
+    lets a caller scramble InstanceNumber too. Each file is written atomically.
+    """
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    volume = np.asarray(volume)
+    if volume.ndim == 2:
+        volume = volume[None]
+    if volume.ndim != 3:
+        raise ValueError(f"volume must be 2D or 3D, got shape {volume.shape}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    slope, intercept = float(rescale[0]), float(rescale[1])
+    raw = np.round((volume.astype(np.float64) - intercept) / slope)
+    if raw.min() < -32768 or raw.max() > 32767:
+        raise ValueError("volume does not fit int16 with this rescale slope/intercept")
+    raw = raw.astype(np.int16)
+    nz = volume.shape[0]
+    iop = tuple(float(v) for v in iop)
+    normal = np.cross(iop[:3], iop[3:])
+    entropy = [str(seed), patient_id, study_date, study_time, series_description, str(series_number)]
+    study_uid = study_uid or generate_uid(entropy_srcs=entropy[:4] + ["study"])
+    series_uid = series_uid or generate_uid(entropy_srcs=entropy + ["series"])
+    frame_uid = generate_uid(entropy_srcs=entropy + ["frame"])
+    sop_class = _SOP_FOR_MODALITY.get(modality, pydicom.uid.SecondaryCaptureImageStorage)
+    names = list(file_names) if file_names is not None else [rng.bytes(6).hex() for _ in range(nz)]
+    numbers = list(instance_numbers) if instance_numbers is not None else list(range(1, nz + 1))
+    if len(names) != nz or len(numbers) != nz:
+        raise ValueError("file_names and instance_numbers need one entry per slice")
+    written = []
+    for k in rng.permutation(nz):
+        k = int(k)
+        sop_uid = generate_uid(entropy_srcs=entropy + ["sop", str(k)])
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(folder / names[k]), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
+        ds.PatientID, ds.PatientName = patient_id, patient_name
+        ds.StudyDate, ds.StudyTime, ds.SeriesDate, ds.SeriesTime = study_date, study_time, study_date, study_time
+        ds.Modality, ds.SeriesDescription, ds.SeriesNumber = modality, series_description, series_number
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.InstanceNumber = numbers[k]
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in iop]
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in np.asarray(origin, float) + k * float(spacing[2]) * normal]
+        ds.PixelSpacing = [f"{float(spacing[1]):.6f}", f"{float(spacing[0]):.6f}"]
+        ds.SliceThickness = f"{float(spacing[2]):.6f}"
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = raw.shape[1], raw.shape[2]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = f"{slope:g}", f"{intercept:g}"
+        ds.PixelData = raw[k].tobytes()
+        target = folder / names[k]
+        tmp = _atomic_target(target)
+        try:
+            try:
+                ds.save_as(tmp, enforce_file_format=True)
+            except TypeError:  # pydicom < 3
+                ds.save_as(tmp, write_like_original=False)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        written.append(target)
+    return sorted(written)

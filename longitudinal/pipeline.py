@@ -1,0 +1,182 @@
+"""Declarative pipelines: a TOML file picks each stage's settings.
+
+A pipeline file has one table per stage (`[registration]`, `[preprocessing]`, ...) whose keys are the
+field names of that stage's settings dataclass. Unknown keys and wrong types are errors that name the
+key and its line, because a silently ignored typo would change a clinical result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
+
+
+def _stage_classes() -> dict[str, type]:
+    # Imported here so that loading a pipeline does not import torch unless a stage needs it.
+    from .encoding import EncoderSettings
+    from .preprocessing import PreprocessingSettings
+    from .registration import RegistrationSettings
+    from .regions import RegionSettings
+    from .scoring import ScoringSettings
+
+    return {
+        "registration": RegistrationSettings,
+        "preprocessing": PreprocessingSettings,
+        "encoding": EncoderSettings,
+        "regions": RegionSettings,
+        "scoring": ScoringSettings,
+    }
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    version: str
+    description: str
+    modality: str
+    source: str
+    stages: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, stage: str) -> Any:
+        try:
+            return self.__dict__["stages"][stage]
+        except KeyError:
+            raise AttributeError(stage) from None
+
+
+def available() -> dict[str, Path]:
+    """Pipelines shipped with the package, by name."""
+    return {p.stem: p for p in sorted(PIPELINES_DIR.glob("*.toml"))}
+
+
+def load(name_or_path: str | Path) -> Pipeline:
+    """A shipped pipeline by name (`brain-mri`) or any pipeline file by path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        shipped = available()
+        if str(name_or_path) not in shipped:
+            raise InputError(None, f"unknown pipeline {name_or_path!r}; shipped pipelines: {', '.join(shipped)}")
+        path = shipped[str(name_or_path)]
+    if not path.is_file():
+        raise InputError(path, "pipeline file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(path, f"not valid TOML: {exc}") from None
+    return _parse(path, text, data)
+
+
+def _parse(path: Path, text: str, data: dict) -> Pipeline:
+    lines = text.splitlines()
+    header = {k: data.pop(k, None) for k in ("name", "version", "description", "modality")}
+    for key in ("name", "version"):
+        if not isinstance(header[key], str):
+            raise InputError(path, f"line {_line_of(lines, None, key)}: top-level key {key!r} must be a string")
+    classes = _stage_classes()
+    stages = {}
+    for stage, cls in classes.items():
+        table = data.pop(stage, {})
+        if not isinstance(table, dict):
+            raise InputError(path, f"line {_line_of(lines, None, stage)}: {stage!r} must be a table [{stage}]")
+        stages[stage] = _build(path, lines, stage, cls, table)
+    for extra in data:
+        known = ", ".join(["name", "version", "description", "modality", *classes])
+        raise InputError(path, f"line {_line_of(lines, None, extra)}: unknown key {extra!r} (known: {known})")
+    return Pipeline(
+        name=header["name"],
+        version=header["version"],
+        description=header["description"] or "",
+        modality=header["modality"] or "",
+        source=str(path),
+        stages=stages,
+    )
+
+
+def _build(path: Path, lines: list[str], stage: str, cls: type, table: dict) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in table.items():
+        where = f"line {_line_of(lines, stage, key)}: [{stage}] {key}"
+        if key not in fields:
+            raise InputError(path, f"{where}: unknown key (known: {', '.join(fields)})")
+        try:
+            values[key] = _coerce(value, hints[key])
+        except (TypeError, ValueError) as exc:
+            raise InputError(path, f"{where}: {exc}") from None
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise InputError(path, f"[{stage}]: {exc}") from None
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Check a TOML value against a dataclass field's type; TOML arrays become tuples."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(value, option)
+            except (TypeError, ValueError) as exc:
+                errors.append(str(exc))
+        raise TypeError(" or ".join(errors))
+    if hint is type(None):
+        raise TypeError(f"expected nothing, got {value!r}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(hint):
+            raise ValueError(f"must be one of {', '.join(map(repr, typing.get_args(hint)))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise TypeError(f"expected an array, got {value!r}")
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in value)
+        if len(args) != len(value):
+            raise ValueError(f"expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a) for v, a in zip(value, args))
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"expected an integer, got {value!r}")
+        return value
+    if hint in (str, bool):
+        if not isinstance(value, hint):
+            raise TypeError(f"expected {hint.__name__}, got {value!r}")
+        return value
+    if hint is Path:
+        if not isinstance(value, str):
+            raise TypeError(f"expected a path string, got {value!r}")
+        return Path(value)
+    return value
+
+
+def _line_of(lines: list[str], table: str | None, key: str) -> int | str:
+    """Line number of `key` inside `[table]` (or at top level), for error messages."""
+    current = None
+    pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
+    for number, line in enumerate(lines, start=1):
+        stripped = line.strip()
+        if stripped.startswith("["):
+            current = stripped.strip("[]").strip()
+            if table is None and current == key:
+                return number
+            continue
+        if current == table and pattern.match(line):
+            return number
+    return "?"

@@ -1,0 +1,263 @@
+"""Foreground masks and intensity harmonisation between two visits.
+
+Registration and harmonisation both need to know where the body is: MI sampled in empty air
+only adds noise, and a histogram or z-score dominated by background says nothing about tissue.
+Harmonisation runs after registration, so both images share the baseline grid and one mask.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .io import Image
+
+log = logging.getLogger(__name__)
+
+MASK_METHODS = ("otsu", "threshold", "none")
+HARMONISATIONS = ("histogram", "zscore", "none")
+
+
+@dataclass(frozen=True)
+class PreprocessingSettings:
+    """How masks are made and how the two visits' intensities are made comparable."""
+
+    mask_method: str = "otsu"  # "otsu" | "threshold" | "none" (whole image)
+    mask_threshold: float | None = None  # intensity for "threshold" (None: the image's mean)
+    mask_closing_mm: float = 3.0  # closes sulci/bowel gas pockets that are still body
+    n4: bool = False  # N4 bias-field correction (MR); off for CT and photographs
+    n4_shrink: int = 4  # N4 is fitted on an image shrunk this much, then applied at full size
+    n4_iterations: tuple[int, ...] = (50, 50, 30)  # per fitting level
+    harmonisation: str = "histogram"  # "histogram" | "zscore" | "none"
+    histogram_levels: int = 256
+    histogram_match_points: int = 32
+    ct_window: tuple[float, float] = (-160.0, 240.0)  # HU; soft tissue (level 40, width 400)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "n4_iterations", tuple(int(i) for i in self.n4_iterations))
+        object.__setattr__(self, "ct_window", tuple(float(v) for v in self.ct_window))
+        if self.mask_method not in MASK_METHODS:
+            raise ValueError(f"mask_method must be one of {MASK_METHODS}, not {self.mask_method!r}")
+        if self.harmonisation not in HARMONISATIONS:
+            raise ValueError(f"harmonisation must be one of {HARMONISATIONS}, not {self.harmonisation!r}")
+        if len(self.ct_window) != 2 or self.ct_window[0] >= self.ct_window[1]:
+            raise ValueError(f"ct_window must be (low, high) with low < high, not {self.ct_window}")
+        if self.n4_shrink < 1 or not self.n4_iterations:
+            raise ValueError("n4_shrink must be >= 1 and n4_iterations non-empty")
+
+
+def _name(image: Image) -> str | None:
+    return ", ".join(image.meta.sources) if image.meta.sources else None
+
+
+def luminance(itk: sitk.Image) -> sitk.Image:
+    """A float32 scalar image; RGB(A) is reduced to Rec. 601 luma so colour photos can be registered and masked."""
+    n = itk.GetNumberOfComponentsPerPixel()
+    if n == 1:
+        return sitk.Cast(itk, sitk.sitkFloat32)
+    if n in (3, 4):
+        channels = [sitk.Cast(sitk.VectorIndexSelectionCast(itk, i), sitk.sitkFloat32) for i in range(3)]
+        return 0.299 * channels[0] + 0.587 * channels[1] + 0.114 * channels[2]
+    # other multi-component images (e.g. 2-channel): mean of the channels
+    channels = [sitk.Cast(sitk.VectorIndexSelectionCast(itk, i), sitk.sitkFloat32) for i in range(n)]
+    total = channels[0]
+    for c in channels[1:]:
+        total = total + c
+    return total / float(n)
+
+
+def _radius_voxels(itk: sitk.Image, mm: float) -> list[int]:
+    return [max(0, int(round(mm / s))) for s in itk.GetSpacing()]
+
+
+def foreground_mask(image: Image | sitk.Image, settings: PreprocessingSettings = PreprocessingSettings()) -> sitk.Image:
+    """Body/foreground mask (uint8 0/1) on the image's grid.
+
+    Otsu (or a threshold), then holes filled, the largest component kept and a closing, so
+    that dark tissue inside the body (ventricles, lungs, bowel gas) still counts as body.
+    """
+    itk = image.itk if isinstance(image, Image) else image
+    gray = luminance(itk)
+    if settings.mask_method == "none":
+        return sitk.Cast(gray * 0 + 1, sitk.sitkUInt8)
+    if settings.mask_method == "otsu":
+        mask = sitk.OtsuThreshold(gray, 0, 1)  # below threshold -> 0 (inside value), above -> 1
+    else:
+        thr = settings.mask_threshold
+        if thr is None:
+            thr = float(np.mean(sitk.GetArrayViewFromImage(gray)))
+        mask = sitk.Cast(gray > thr, sitk.sitkUInt8)
+    if not np.any(sitk.GetArrayViewFromImage(mask)):
+        return mask
+    radius = _radius_voxels(mask, settings.mask_closing_mm)
+    if any(radius):
+        mask = sitk.BinaryMorphologicalClosing(mask, radius, sitk.sitkBall, 1)
+    mask = sitk.BinaryFillhole(mask, fullyConnected=False, foregroundValue=1)
+    labels = sitk.RelabelComponent(sitk.ConnectedComponent(mask), sortByObjectSize=True)
+    return sitk.Cast(labels == 1, sitk.sitkUInt8)
+
+
+# --------------------------------------------------------------------------- N4
+
+
+def n4_correct(image: Image, mask: sitk.Image | None = None, settings: PreprocessingSettings = PreprocessingSettings()) -> Image:
+    """Remove a smooth multiplicative bias field (MR coil shading) that differs between visits.
+
+    N4 is fitted on a shrunk copy (the field is smooth, so this loses nothing and is much
+    faster), then the log field is evaluated on the full-resolution grid and divided out.
+    """
+    if image.is_rgb:
+        raise InputError(_name(image), "N4 bias-field correction needs a scalar (grayscale) image, not RGB")
+    full = sitk.Cast(image.itk, sitk.sitkFloat32)
+    if mask is None:
+        mask = foreground_mask(full, settings)
+    arr = sitk.GetArrayViewFromImage(full)
+    # N4 works on log intensities: shift to strictly positive values
+    offset = 0.0
+    lo = float(arr.min())
+    if lo <= 0:
+        offset = 1.0 - lo
+    positive = full + offset if offset else full
+    shrink = [settings.n4_shrink if s >= 4 * settings.n4_shrink else 1 for s in full.GetSize()]
+    small = sitk.Shrink(positive, shrink)
+    small_mask = sitk.Shrink(sitk.Cast(mask, sitk.sitkUInt8), shrink)
+    corrector = sitk.N4BiasFieldCorrectionImageFilter()
+    corrector.SetMaximumNumberOfIterations(list(settings.n4_iterations))
+    corrector.Execute(small, small_mask)
+    log_bias = corrector.GetLogBiasFieldAsImage(positive)
+    corrected = positive / sitk.Exp(log_bias)
+    if offset:
+        corrected = corrected - offset
+    return image.with_itk(sitk.Cast(corrected, sitk.sitkFloat32))
+
+
+# --------------------------------------------------------------------------- harmonisation
+
+
+def _is_ct(image: Image) -> bool:
+    return (image.meta.modality or "").upper() == "CT"
+
+
+def _ct_window(itk: sitk.Image, window: tuple[float, float]) -> sitk.Image:
+    lo, hi = window
+    clipped = sitk.Clamp(sitk.Cast(itk, sitk.sitkFloat32), sitk.sitkFloat32, lo, hi)
+    return (clipped - lo) / (hi - lo)
+
+
+def _masked_values(itk: sitk.Image, mask: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayViewFromImage(itk)[sitk.GetArrayViewFromImage(mask) > 0].astype(np.float32)
+
+
+def _histogram_match(source: sitk.Image, reference: sitk.Image, mask: sitk.Image, settings: PreprocessingSettings) -> sitk.Image:
+    """sitk.HistogramMatching restricted to the mask.
+
+    The filter has no mask input and its threshold-at-mean option would also drop dark tissue
+    (CSF, fat suppressed areas), so it is fed the in-mask voxels only (as 1-D images); the
+    resulting monotone map is then applied to every voxel by interpolating its (in, out) pairs.
+    """
+    src = _masked_values(source, mask)
+    ref = _masked_values(reference, mask)
+    matched = sitk.HistogramMatching(
+        sitk.GetImageFromArray(src[None, :]),
+        sitk.GetImageFromArray(ref[None, :]),
+        numberOfHistogramLevels=settings.histogram_levels,
+        numberOfMatchPoints=settings.histogram_match_points,
+        thresholdAtMeanIntensity=False,
+    )
+    out_vals = sitk.GetArrayViewFromImage(matched)[0].astype(np.float64)
+    order = np.argsort(src, kind="stable")
+    xs, idx = np.unique(src[order], return_index=True)
+    ys = out_vals[order][idx]
+    full = sitk.GetArrayFromImage(source).astype(np.float64)
+    mapped = np.interp(full, xs, ys)
+    if xs.size >= 2:  # extend the end segments linearly, as the ITK filter does outside the matched range
+        lo_slope = (ys[1] - ys[0]) / (xs[1] - xs[0])
+        hi_slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        below, above = full < xs[0], full > xs[-1]
+        mapped[below] = ys[0] + lo_slope * (full[below] - xs[0])
+        mapped[above] = ys[-1] + hi_slope * (full[above] - xs[-1])
+    mapped[mask_array(mask)] = out_vals  # exact filter output inside the mask
+    out = sitk.GetImageFromArray(mapped.astype(np.float32))
+    out.CopyInformation(source)
+    return out
+
+
+def mask_array(mask: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayViewFromImage(mask) > 0
+
+
+def _zscore(itk: sitk.Image, mask: sitk.Image) -> sitk.Image:
+    """Robust z-score: (x - median) / IQR inside the mask, insensitive to a growing lesion's tail."""
+    vals = _masked_values(itk, mask)
+    q25, med, q75 = np.percentile(vals, [25, 50, 75])
+    iqr = float(q75 - q25) or 1.0
+    return (sitk.Cast(itk, sitk.sitkFloat32) - float(med)) / iqr
+
+
+def _per_channel(fn, *images: sitk.Image) -> sitk.Image:
+    """Apply a scalar->scalar function channel by channel so RGB stays RGB."""
+    n = images[0].GetNumberOfComponentsPerPixel()
+    if n == 1:
+        return fn(*[sitk.Cast(i, sitk.sitkFloat32) for i in images])
+    outs = [fn(*[sitk.Cast(sitk.VectorIndexSelectionCast(i, c), sitk.sitkFloat32) for i in images]) for c in range(n)]
+    return sitk.Compose(outs)
+
+
+def harmonise(
+    baseline: Image,
+    registered_followup: Image,
+    mask: sitk.Image | None = None,
+    settings: PreprocessingSettings = PreprocessingSettings(),
+) -> tuple[Image, Image]:
+    """Make the two visits' intensities comparable inside the body; returns float32 (baseline, follow-up).
+
+    CT keeps Hounsfield units, so both visits only get the same window (clip, scale to 0..1);
+    MR/photographs get optional N4, then the follow-up's histogram matched to the baseline's
+    (or both robustly z-scored). The follow-up must already be on the baseline's grid.
+    """
+    b, f = baseline.itk, registered_followup.itk
+    if (
+        b.GetSize() != f.GetSize()
+        or not np.allclose(b.GetSpacing(), f.GetSpacing(), atol=1e-4)
+        or not np.allclose(b.GetOrigin(), f.GetOrigin(), atol=1e-3)
+        or not np.allclose(b.GetDirection(), f.GetDirection(), atol=1e-4)
+    ):
+        raise InputError(_name(registered_followup), "follow-up is not on the baseline grid: register it first")
+    if b.GetNumberOfComponentsPerPixel() != f.GetNumberOfComponentsPerPixel():
+        raise InputError(_name(registered_followup), "baseline and follow-up have different numbers of channels")
+    if mask is None:
+        mask = foreground_mask(baseline, settings)
+    else:
+        if mask.GetSize() != b.GetSize():
+            raise InputError(None, f"mask size {mask.GetSize()} differs from the baseline grid {b.GetSize()}")
+        mask = sitk.Cast(mask > 0, sitk.sitkUInt8)
+        mask.CopyInformation(b)
+    if not mask_array(mask).any():
+        raise InputError(_name(baseline), "foreground mask is empty: cannot harmonise intensities")
+
+    if _is_ct(baseline) or _is_ct(registered_followup):
+        w = settings.ct_window
+        return (
+            baseline.with_itk(_ct_window(b, w)),
+            registered_followup.with_itk(_ct_window(f, w)),
+        )
+
+    if settings.n4:
+        baseline = n4_correct(baseline, mask, settings)
+        registered_followup = n4_correct(registered_followup, mask, settings)
+        b, f = baseline.itk, registered_followup.itk
+
+    if settings.harmonisation == "histogram":
+        f_out = _per_channel(lambda src, ref: _histogram_match(src, ref, mask, settings), f, b)
+        b_out = _per_channel(lambda x: x, b)
+    elif settings.harmonisation == "zscore":
+        b_out = _per_channel(lambda x: _zscore(x, mask), b)
+        f_out = _per_channel(lambda x: _zscore(x, mask), f)
+    else:
+        b_out, f_out = _per_channel(lambda x: x, b), _per_channel(lambda x: x, f)
+    log.debug("harmonised intensities (%s, n4=%s)", settings.harmonisation, settings.n4)
+    return baseline.with_itk(b_out), registered_followup.with_itk(f_out)
