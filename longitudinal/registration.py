@@ -13,6 +13,7 @@ follow-up onto the baseline grid.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -45,12 +46,18 @@ class RegistrationSettings:
     # as they are; "best": try all three and keep the one with the best MI.
     init: str = "best"
     metric_bins: int = 32
-    sampling_fraction: float = 0.05  # fraction of in-mask voxels sampled at the finest level
-    shrink_factors: tuple[int, ...] = (4, 2, 1)
-    smoothing_sigmas_mm: tuple[float, ...] = (2.0, 1.0, 0.0)
+    sampling_fraction: float = 0.01  # fraction of in-mask voxels sampled (same count at every level)
+    min_samples: int = 5_000  # but at least this many samples per level (small images)
+    shrink_factors: tuple[int, ...] = (8, 4, 2, 1)  # the 8x level widens the capture range (~25 degrees)
+    smoothing_sigmas_mm: tuple[float, ...] = (4.0, 2.0, 1.0, 0.0)
     iterations: int = 200  # per level, for each linear stage; 0 skips optimisation
-    learning_rate: float = 1.0
+    learning_rate: float = 2.0  # initial step (about mm, since scales come from physical shifts)
+    min_step: float = 1e-3  # regular-step optimiser stops below this step
     optimizer: str = "regular_step"  # "regular_step" | "gradient_descent"
+    # With both linear stages, rigid runs on all but the finest level and affine on the two finest:
+    # rigid gets the capture range, affine the detail, and each pyramid level costs time.
+    split_levels: bool = True
+    crop_margin_mm: float = 10.0  # 3D images are cropped to their foreground box plus this margin
     use_masks: bool = True  # sample the metric inside the (dilated) fixed foreground mask
     mask_dilation_mm: float = 4.0  # keep the body edge, the most informative contour, inside the mask
     bspline_mesh_mm: float = 60.0  # control-point spacing of the deformable stage
@@ -60,8 +67,8 @@ class RegistrationSettings:
     seed: int = 1234
     threads: int = 0  # 0: SimpleITK's default for this process; set on the method object only
     # quality control thresholds
-    qc_min_dice: float = 0.85
-    qc_min_ncc: float = 0.5
+    qc_min_dice: float = 0.9  # foreground masks, inside the follow-up's field of view
+    qc_min_ncc: float = 0.7  # same-modality visits correlate well once aligned (set lower for contrast changes)
     qc_max_scale: float = 1.25  # singular values of the affine outside [1/x, x] are suspect
     qc_max_anisotropy: float = 1.3  # ratio of largest to smallest singular value (shear/squash)
     qc_max_translation_fraction: float = 0.25  # of the fixed field-of-view diagonal
@@ -136,7 +143,7 @@ class Registration:
     qc: RegistrationQC
     fixed_reference: sitk.Image = field(repr=False)  # grid of the fixed image (voxels not needed)
 
-    @property
+    @functools.cached_property
     def inverse(self) -> sitk.Transform:
         """Moving -> fixed point mapping (exact for linear transforms, iteratively inverted for B-spline)."""
         return invert_transform(self.transform, self.fixed_reference)
@@ -181,7 +188,6 @@ def load_transform(path: str | os.PathLike) -> sitk.Transform:
         tx = sitk.ReadTransform(str(path))
     except RuntimeError as exc:
         raise InputError(path, f"not a readable ITK transform file ({str(exc).strip().splitlines()[-1]})") from None
-    # A composite written by ITK reads back as a one-element composite wrapping a composite on some versions
     return tx
 
 
@@ -278,13 +284,19 @@ def _as_affine(tx: sitk.Transform, dim: int) -> sitk.AffineTransform:
     return out
 
 
-def _method(settings: RegistrationSettings, fixed_mask: sitk.Image | None, shrink, sigmas, fraction_scale) -> sitk.ImageRegistrationMethod:
+def _method(settings: RegistrationSettings, fixed_mask: sitk.Image | None, shrink, sigmas, n_voxels: int,
+            dim: int) -> sitk.ImageRegistrationMethod:
+    """A configured ImageRegistrationMethod; n_voxels = number of full-resolution voxels sampled from."""
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=settings.metric_bins)
+    # On-the-fly central differences: a full-resolution gradient image per level costs more than it brings.
+    reg.MetricUseFixedImageGradientFilterOff()
+    reg.MetricUseMovingImageGradientFilterOff()
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    # Constant sample count across levels: coarse levels have fewer voxels, so they sample a larger fraction.
+    # About the same sample count at every level: coarse levels have fewer voxels, so they sample a larger fraction.
+    samples = max(settings.sampling_fraction * n_voxels, settings.min_samples)
     reg.SetMetricSamplingPercentagePerLevel(
-        [min(1.0, settings.sampling_fraction * f ** fraction_scale) for f in shrink], settings.seed
+        [float(min(1.0, samples / max(1.0, n_voxels / f**dim))) for f in shrink], settings.seed
     )
     if fixed_mask is not None:
         reg.SetMetricFixedMask(fixed_mask)
@@ -301,7 +313,7 @@ def _set_optimizer(reg: sitk.ImageRegistrationMethod, settings: RegistrationSett
     if settings.optimizer == "regular_step":
         reg.SetOptimizerAsRegularStepGradientDescent(
             learningRate=settings.learning_rate,
-            minStep=1e-4,
+            minStep=settings.min_step,
             numberOfIterations=iterations,
             relaxationFactor=0.5,
             gradientMagnitudeTolerance=1e-8,
@@ -340,7 +352,7 @@ def _initial_transform(fixed: sitk.Image, moving: sitk.Image, settings: Registra
     mask_small = sitk.Shrink(fixed_mask, [shrink] * dim) if fixed_mask is not None else None
     best, best_val = None, math.inf
     for mode, tx in candidates.items():
-        reg = _method(settings, mask_small, (1,), (0.0,), 0)
+        reg = _method(settings, mask_small, (1,), (0.0,), 1, dim)
         reg.SetMetricSamplingStrategy(reg.NONE)
         reg.SetInitialTransform(tx, inPlace=False)
         try:
@@ -356,6 +368,19 @@ def _initial_transform(fixed: sitk.Image, moving: sitk.Image, settings: Registra
 
 
 def _run(reg: sitk.ImageRegistrationMethod, fixed, moving, what: str) -> None:
+    if log.isEnabledFor(logging.DEBUG):
+        start = [time.perf_counter()]
+        iters = [0]
+
+        def level() -> None:
+            log.debug("%s level %d starts at %.2f s (%d iterations so far)", what, reg.GetCurrentLevel(),
+                      time.perf_counter() - start[0], iters[0])
+
+        def iteration() -> None:
+            iters[0] += 1
+
+        reg.AddCommand(sitk.sitkMultiResolutionIterationEvent, level)
+        reg.AddCommand(sitk.sitkIterationEvent, iteration)
     try:
         reg.Execute(fixed, moving)
     except RuntimeError as exc:
@@ -390,11 +415,13 @@ def _ncc(a: np.ndarray, b: np.ndarray) -> float:
 def _quality(fixed_gray, moving_gray, fixed_mask, moving_mask, transform, settings, seconds, stages, init) -> RegistrationQC:
     dim = fixed_gray.GetDimension()
     identity = sitk.Transform(dim, sitk.sitkIdentity)
-    # Metric: same MI, but on all in-mask voxels of a 2x-shrunk image so QC figures are deterministic and comparable.
-    shrink = [2 if s >= 64 else 1 for s in fixed_gray.GetSize()]
-    f_small = sitk.Shrink(fixed_gray, shrink)
-    m_small = sitk.Shrink(moving_gray, shrink)
-    mask_small = sitk.Shrink(fixed_mask, shrink)
+    # QC runs on 2x-shrunk copies (all in-mask voxels, no random sampling) so its figures are
+    # deterministic, comparable between identity and result, and cheap.
+    def small(img: sitk.Image) -> sitk.Image:
+        return sitk.Shrink(img, [2 if s >= 64 else 1 for s in img.GetSize()])
+
+    f_small, m_small = small(fixed_gray), small(moving_gray)
+    mask_small, m_mask_small = small(fixed_mask), small(moving_mask)
 
     def metric(tx) -> float:
         reg = sitk.ImageRegistrationMethod()
@@ -410,15 +437,19 @@ def _quality(fixed_gray, moving_gray, fixed_mask, moving_mask, transform, settin
         except RuntimeError:
             return math.nan
 
-    fmask = sitk.GetArrayViewFromImage(fixed_mask) > 0
-    farr = sitk.GetArrayViewFromImage(fixed_gray)[fmask].astype(np.float64)
+    fmask = sitk.GetArrayViewFromImage(mask_small) > 0
+    farr = sitk.GetArrayViewFromImage(f_small)[fmask].astype(np.float64)
 
     def overlap(tx) -> tuple[float, float]:
-        mm = sitk.GetArrayFromImage(sitk.Resample(moving_mask, fixed_mask, tx, sitk.sitkNearestNeighbor, 0)) > 0
-        denom = fmask.sum() + mm.sum()
-        dice = float(2.0 * np.logical_and(fmask, mm).sum() / denom) if denom else 0.0
-        mg = sitk.GetArrayFromImage(sitk.Resample(moving_gray, fixed_gray, tx, sitk.sitkLinear, 0.0))[fmask]
-        return dice, _ncc(farr, mg.astype(np.float64))
+        # Only where the follow-up has data: a follow-up with a shorter field of view is not a misregistration.
+        inside = sitk.GetArrayFromImage(sitk.Resample(m_mask_small, mask_small, tx, sitk.sitkNearestNeighbor, 255)) != 255
+        mm = sitk.GetArrayFromImage(sitk.Resample(m_mask_small, mask_small, tx, sitk.sitkNearestNeighbor, 0)) > 0
+        fm = fmask & inside
+        denom = fm.sum() + mm.sum()
+        dice = float(2.0 * np.logical_and(fm, mm).sum() / denom) if denom else 0.0
+        mg = sitk.GetArrayFromImage(sitk.Resample(m_small, f_small, tx, sitk.sitkLinear, 0.0))[fmask]
+        ok = inside[fmask]
+        return dice, (_ncc(farr[ok], mg[ok].astype(np.float64)) if ok.sum() > 10 else 0.0)
 
     m_final, m_ident = metric(transform), metric(identity)
     dice, ncc = overlap(transform)
@@ -437,8 +468,8 @@ def _quality(fixed_gray, moving_gray, fixed_mask, moving_mask, transform, settin
         sv = np.linalg.svd(matrix, compute_uv=False)
         max_scale = float(math.exp(np.max(np.abs(np.log(np.clip(sv, 1e-9, None))))))
         anisotropy = float(sv.max() / max(sv.min(), 1e-9))
-        idx = np.argwhere(fmask)[:, ::-1].mean(axis=0) if fmask.any() else (np.array(fixed_gray.GetSize()) - 1) / 2
-        c = np.array(fixed_gray.TransformContinuousIndexToPhysicalPoint([float(v) for v in idx]))
+        idx = np.argwhere(fmask)[:, ::-1].mean(axis=0) if fmask.any() else (np.array(f_small.GetSize()) - 1) / 2
+        c = np.array(f_small.TransformContinuousIndexToPhysicalPoint([float(v) for v in idx]))
         mapped = matrix @ (c - centre) + centre + trans
         translation = float(np.linalg.norm(mapped - c))
         if np.linalg.det(matrix) <= 0:
@@ -464,14 +495,31 @@ def _quality(fixed_gray, moving_gray, fixed_mask, moving_mask, transform, settin
     )
 
 
-def _registration_mask(gray: sitk.Image, settings: RegistrationSettings, mask_settings: PreprocessingSettings) -> sitk.Image:
-    mask = foreground_mask(gray, mask_settings)
-    if not np.any(sitk.GetArrayViewFromImage(mask)):
-        mask = sitk.Cast(gray * 0 + 1, sitk.sitkUInt8)
-    radius = [max(0, int(round(settings.mask_dilation_mm / s))) for s in gray.GetSpacing()]
-    if any(radius):
-        mask = sitk.BinaryDilate(mask, radius, sitk.sitkBall, 0, 1)
-    return mask
+def _crop_to(gray: sitk.Image, mask: sitk.Image, margin_mm: float):
+    """(cropped image, (index, size) or None): the mask's bounding box plus a margin, 3D only."""
+    if gray.GetDimension() != 3:
+        return gray, None
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(mask)
+    if not stats.HasLabel(1):
+        return gray, None
+    box = stats.GetBoundingBox(1)
+    dim = gray.GetDimension()
+    size = gray.GetSize()
+    lo = [max(0, box[d] - int(math.ceil(margin_mm / gray.GetSpacing()[d]))) for d in range(dim)]
+    hi = [min(size[d], box[d] + box[d + dim] + int(math.ceil(margin_mm / gray.GetSpacing()[d]))) for d in range(dim)]
+    new_size = [h - l for l, h in zip(lo, hi)]
+    if np.prod(new_size) > 0.8 * np.prod(size) or min(new_size) < 8:
+        return gray, None
+    return sitk.RegionOfInterest(gray, new_size, lo), (lo, new_size)
+
+
+def _registration_mask(body: sitk.Image, settings: RegistrationSettings) -> sitk.Image:
+    """The body mask dilated so the body's outline, the most informative contour, is sampled too."""
+    if not np.any(sitk.GetArrayViewFromImage(body)):
+        return sitk.Cast(body * 0 + 1, sitk.sitkUInt8)
+    radius = [max(0, int(round(settings.mask_dilation_mm / s))) for s in body.GetSpacing()]
+    return sitk.BinaryDilate(body, radius, sitk.sitkBall, 0, 1) if any(radius) else body
 
 
 def register(
@@ -493,41 +541,51 @@ def register(
     m_gray = luminance(moving.itk)
     f_mask_body = foreground_mask(f_gray, mask_settings)
     m_mask_body = foreground_mask(m_gray, mask_settings)
-    f_mask = _registration_mask(f_gray, settings, mask_settings) if settings.use_masks else None
+    # Registration sees cropped copies (same physical space): the pyramid smooths the whole
+    # moving image at every level, so empty air around the body costs time for nothing.
+    f_work, f_box = _crop_to(f_gray, f_mask_body, settings.crop_margin_mm + settings.mask_dilation_mm)
+    m_work, _ = _crop_to(m_gray, m_mask_body, settings.crop_margin_mm + settings.mask_dilation_mm)
+    f_mask = None
+    if settings.use_masks:
+        body = sitk.RegionOfInterest(f_mask_body, f_box[1], f_box[0]) if f_box is not None else f_mask_body
+        f_mask = _registration_mask(body, settings)
+    n_voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(f_mask))) if f_mask is not None else int(np.prod(f_work.GetSize()))
 
     # Shrink factors larger than an axis would collapse it: cap per level for small (e.g. 2D) images.
-    min_size = min(fixed.size)
+    min_size = min(f_work.GetSize())
     shrink = tuple(max(1, min(s, min_size // 8)) for s in settings.shrink_factors)
-    fraction_scale = dim
 
     stages_run: list[str] = []
     try:
-        tx, init_mode = _initial_transform(f_gray, m_gray, settings, f_mask)
+        tx, init_mode = _initial_transform(f_work, m_work, settings, f_mask)
         for kind in ("rigid", "affine"):
             if kind not in settings.stages:
                 continue
             current = tx if kind == "rigid" else _as_affine(tx, dim)
+            levels = list(zip(shrink, settings.smoothing_sigmas_mm))
+            if settings.split_levels and {"rigid", "affine"} <= set(settings.stages) and len(levels) > 1:
+                levels = levels[:-1] if kind == "rigid" else levels[-2:]
             if settings.iterations > 0:
-                reg = _method(settings, f_mask, shrink, settings.smoothing_sigmas_mm, fraction_scale)
+                reg = _method(settings, f_mask, [l[0] for l in levels], [l[1] for l in levels], n_voxels, dim)
                 _set_optimizer(reg, settings, settings.iterations)
                 reg.SetInitialTransform(current, inPlace=True)
-                _run(reg, f_gray, m_gray, kind)
+                _run(reg, f_work, m_work, kind)
             tx = current
             stages_run.append(kind if settings.iterations > 0 else f"{kind}(0 iterations)")
         if "bspline" in settings.stages:
             linear = _as_affine(tx, dim)
-            extent = [sz * sp for sz, sp in zip(fixed.size, fixed.spacing)]
+            extent = [sz * sp for sz, sp in zip(f_work.GetSize(), f_work.GetSpacing())]
             mesh = [max(1, int(round(e / settings.bspline_mesh_mm))) for e in extent]
-            bspline = sitk.BSplineTransformInitializer(f_gray, mesh, order=3)
+            bspline = sitk.BSplineTransformInitializer(f_work, mesh, order=3)
             if settings.bspline_iterations > 0:
                 bshrink = tuple(max(1, min(s, min_size // 8)) for s in settings.bspline_shrink_factors)
-                reg = _method(settings, f_mask, bshrink, settings.bspline_smoothing_sigmas_mm, fraction_scale)
+                reg = _method(settings, f_mask, bshrink, settings.bspline_smoothing_sigmas_mm, n_voxels, dim)
                 reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=settings.bspline_iterations,
                                          maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=4 * settings.bspline_iterations,
                                          costFunctionConvergenceFactor=1e7)
                 reg.SetMovingInitialTransform(linear)
                 reg.SetInitialTransform(bspline, inPlace=True)
-                _run(reg, f_gray, m_gray, "bspline")
+                _run(reg, f_work, m_work, "bspline")
             # moving initial ∘ optimised: the list's last transform is applied to a point first
             tx = sitk.CompositeTransform([linear, bspline])
             stages_run.append("bspline")

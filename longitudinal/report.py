@@ -56,7 +56,7 @@ OUTPUT_FILES = {
 UNITS = {
     "centre_mm": "mm, physical LPS coordinates (x: patient right->left, y: anterior->posterior, z: inferior->superior)",
     "bbox": "voxel index (x, y[, z]) on the baseline grid, lo inclusive, hi exclusive",
-    "volume_mm3": "cubic millimetres",
+    "volume_mm3": "cubic millimetres (2D images: area in square millimetres)",
     "spacing_mm": "mm per voxel along (x, y[, z])",
     "size": "voxels along (x, y[, z])",
     "score": "calibrated change score (dimensionless, robust z-like); flagged when above threshold",
@@ -76,21 +76,30 @@ class ReportSettings:
     max_region_figures: int = 12
     overview_slices: int = 6
     window_percentiles: tuple[float, float] = (0.5, 99.5)  # display window of the harmonised images
-    context_mm: float = 40.0  # minimum half-width of the field of view around a region
+    context_mm: float = 40.0  # half-width of the field of view around a region (at most a quarter of the image)
     dpi: int = 80
 
 
 # --------------------------------------------------------------------------- atomic writing
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
-    """Write through a temp file in the same folder (keeping the suffix: ITK picks its writer by it), then rename."""
+def _default_mode() -> int:
+    """0o666 minus the process umask: what open() would have given (mkstemp files are 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path: Path, write: Callable[[str], None], mode: int | None = None) -> Path:
+    """Write through a temp file in the same folder (keeping the suffix: ITK picks its writer by it), then rename.
+    mode: file permissions; default as a plain open() would create them."""
     path = Path(path)
     suffix = "".join(path.suffixes) or ".tmp"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _default_mode() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -99,8 +108,8 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
     return path
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    return atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+def atomic_write_text(path: Path, text: str, mode: int | None = None) -> Path:
+    return atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"), mode)
 
 
 def _clean_itk(itk: sitk.Image) -> sitk.Image:
@@ -228,9 +237,9 @@ def _visit_block(image: Image, role: str, deidentify: bool, secrets: list[str]) 
     }
 
 
-def _patient_block(comparison: Comparison, deidentify: bool, key: bytes | None) -> dict:
+def _patient_block(comparison: Comparison, deidentify: bool, key: bytes | None, patient_id: str | None) -> dict:
     b, f = comparison.baseline.meta, comparison.followup.meta
-    pid = b.patient_id or f.patient_id
+    pid = patient_id or b.patient_id or f.patient_id
     name = b.patient_name or f.patient_name
     if not deidentify:
         return {"id": pid, "name": name, "deidentified": False}
@@ -343,7 +352,10 @@ _EMPTY_REGION = ScoredRegion(id=0, label="", centre_mm=(0.0, 0.0, 0.0), bbox=((0
 
 
 def _location(centre_mm: tuple[float, ...]) -> str:
-    """LPS millimetres as anatomical directions a reader does not have to decode: R/L, A/P, I/S."""
+    """LPS millimetres as anatomical directions a reader does not have to decode: R/L, A/P, I/S.
+    2D images (photographs, projections) have no patient axes: plain x, y in the image plane."""
+    if len(centre_mm) == 2:
+        return f"x&nbsp;{centre_mm[0]:.2f} · y&nbsp;{centre_mm[1]:.2f}"
     names = (("R", "L"), ("A", "P"), ("I", "S"))
     parts = []
     for value, (neg, pos) in zip(centre_mm, names):
@@ -469,6 +481,7 @@ def figure_data_uri(fig, dpi: int) -> str:
 class _Display:
     base: _View  # harmonised baseline (gray), display window source
     follow: _View  # harmonised follow-up on the baseline grid
+    diff: np.ndarray  # follow - base, NaN where both are background
     base_rgb: np.ndarray | None  # colour baseline / registered follow-up, 0..1, when the inputs are RGB
     follow_rgb: np.ndarray | None
     score: _View
@@ -490,19 +503,22 @@ def _display(comparison: Comparison, settings: ReportSettings) -> _Display:
             follow_rgb = _rgb_display(_view(comparison.registered.itk))
     score = _view(comparison.change_map_baseline.itk)
     window = _window(base.array, settings.window_percentiles)
-    diff = follow.array - base.array
+    # Background that both images hold at their minimum (e.g. outside the head after harmonisation) is not
+    # compared: the difference there is an artefact of the two harmonisations, so it is blanked (NaN).
+    outside = (base.array <= base.array.min()) & (follow.array <= follow.array.min())
+    diff = np.where(outside, np.nan, follow.array - base.array).astype(np.float32)
     finite = np.abs(diff[np.isfinite(diff)])
     diff_limit = float(np.percentile(finite, 99.5)) if finite.size else 1.0
     s = score.array[np.isfinite(score.array)]
     threshold = float(comparison.threshold)
     if s.size:
         lo = min(float(np.percentile(s, 90)), threshold)
-        hi = max(float(s.max()), threshold)
+        hi = max(float(np.percentile(s, 99.9)), 1.5 * threshold)  # a few extreme voxels must not wash out the rest
     else:
         lo, hi = 0.0, threshold
     if hi <= lo:
         hi = lo + 1.0
-    return _Display(base, follow, base_rgb, follow_rgb, score, window, diff_limit or 1.0, (lo, hi), threshold)
+    return _Display(base, follow, diff, base_rgb, follow_rgb, score, window, diff_limit or 1.0, (lo, hi), threshold)
 
 
 def _crop(shape_kji: tuple[int, int, int], centre: np.ndarray, half_mm: float, spacing: tuple[float, float, float]):
@@ -550,21 +566,32 @@ def _aspect(plane: str, spacing: tuple[float, float, float]) -> float:
 
 
 def _orientation_marks(ax, plane: str) -> None:
+    from matplotlib import patheffects
+
     top, bottom, left, right = _ORIENT_LABELS[plane]
-    style = dict(color="yellow", fontsize=8, fontweight="bold", transform=ax.transAxes, ha="center", va="center")
+    style = dict(color="yellow", fontsize=8, fontweight="bold", transform=ax.transAxes, ha="center", va="center",
+                 path_effects=[patheffects.withStroke(linewidth=2, foreground="black")])
     ax.text(0.5, 0.96, top, **style)
     ax.text(0.5, 0.04, bottom, **style)
     ax.text(0.03, 0.5, left, **style)
     ax.text(0.97, 0.5, right, **style)
 
 
-SCORE_CMAP = "inferno"
+def _size_text(region: ScoredRegion, is3d: bool) -> str:
+    return f"{region.volume_mm3:.0f} mm³" if is3d else f"{region.volume_mm3:.3g} mm²"
+
+
+def _score_cmap():
+    """Inferno without its black end: an overlay colour must never read as "dark tissue"."""
+    import matplotlib as mpl
+
+    return mpl.colors.ListedColormap(mpl.colormaps["inferno"](np.linspace(0.3, 1.0, 256)), name="inferno_overlay")
 
 
 def _score_mappable(d: _Display):
     import matplotlib as mpl
 
-    return mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(*d.score_range), cmap=SCORE_CMAP)
+    return mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(*d.score_range), cmap=_score_cmap())
 
 
 def _score_rgba(score: np.ndarray, d: _Display) -> np.ndarray:
@@ -572,7 +599,7 @@ def _score_rgba(score: np.ndarray, d: _Display) -> np.ndarray:
     import matplotlib as mpl
 
     lo, hi = d.score_range
-    rgba = mpl.colormaps[SCORE_CMAP](np.clip((score - lo) / (hi - lo), 0, 1))
+    rgba = _score_cmap()(np.clip((score - lo) / (hi - lo), 0, 1))
     ramp = np.clip((score - lo) / max(d.threshold - lo, 1e-6), 0, 1)
     rgba[..., 3] = np.where(np.isfinite(score), 0.9 * ramp**2, 0)
     return rgba
@@ -586,6 +613,7 @@ class _RegionFigures:
     BOX = "#00e5ff"
 
     def __init__(self, d: _Display, settings: ReportSettings):
+        import matplotlib as mpl
         from matplotlib.lines import Line2D
         from matplotlib.patches import Rectangle
 
@@ -608,8 +636,8 @@ class _RegionFigures:
                 ax.set_axis_off()
                 if col in (0, 1) and (d.base_rgb if col == 0 else d.follow_rgb) is not None:
                     ims = [ax.imshow(np.zeros((2, 2, 3)), aspect=aspect, interpolation="nearest")]
-                elif col == 2:
-                    ims = [ax.imshow(blank, cmap="RdBu_r", vmin=-d.diff_limit, vmax=d.diff_limit, aspect=aspect,
+                elif col == 2:  # blanked background (NaN) drawn black like the other panels
+                    ims = [ax.imshow(blank, cmap=mpl.colormaps["RdBu_r"].with_extremes(bad="black"), vmin=-d.diff_limit, vmax=d.diff_limit, aspect=aspect,
                                      interpolation="nearest")]
                 else:
                     ims = [ax.imshow(blank, cmap="gray", vmin=vmin, vmax=vmax, aspect=aspect, interpolation="nearest")]
@@ -648,7 +676,9 @@ class _RegionFigures:
         box_lo, box_hi = _box_in_view(place.bbox, baseline_itk, view)
         centre = (box_lo + box_hi - 1) / 2.0
         extent_mm = max((box_hi[a] - box_lo[a]) * view.spacing[a] for a in range(3 if view.is3d else 2))
-        lo, hi = _crop(view.array.shape, centre, max(settings.context_mm, 1.5 * extent_mm), view.spacing)
+        image_mm = min(n * sp for n, sp in zip(view.array.shape[::-1], view.spacing) if n > 1)
+        half = max(min(settings.context_mm, image_mm / 4), 1.5 * extent_mm)
+        lo, hi = _crop(view.array.shape, centre, half, view.spacing)
         nk = view.array.shape[0]
         for row, plane in enumerate(self.planes):
             index = int(np.clip(round(centre[_SLICE_AXIS[plane]]), 0, view.array.shape[2 - _SLICE_AXIS[plane]] - 1))
@@ -660,7 +690,7 @@ class _RegionFigures:
             data = [
                 _cut(d.base_rgb, plane, index, lo, hi) if d.base_rgb is not None else b,
                 _cut(d.follow_rgb, plane, index, lo, hi) if d.follow_rgb is not None else f,
-                f - b,
+                _cut(d.diff, plane, index, lo, hi),
                 b,
             ]
             x0, y0, w, h = _rect(plane, box_lo, box_hi, lo, hi, nk)
@@ -676,7 +706,7 @@ class _RegionFigures:
                 ax.set_xlim(-0.5, cols - 0.5)
                 ax.set_ylim(rows - 0.5, -0.5)
                 self.boxes[row * 4 + col].set_bounds(x0, y0, w, h)
-        title = f"Region {region.id} ({region.label}): score {region.score:.2f}, {region.volume_mm3:.0f} mm³"
+        title = f"Region {region.id} ({region.label}): score {region.score:.2f}, {_size_text(region, view.is3d)}"
         if others:
             title += f", with {len(others)} overlapping flagged region{'s' if len(others) > 1 else ''} (box: all of them)"
         self.title.set_text(title)
@@ -708,9 +738,9 @@ def _overview_figure(d: _Display, flagged: list[ScoredRegion], baseline_itk: sit
         slices = [0]
     ncols = min(3, len(slices))
     nrows = int(math.ceil(len(slices) / ncols))
-    height = 3.6 * nrows + 0.8
+    height = 3.6 * nrows + 1.0
     fig = new_figure(figsize=(3.6 * ncols, height))
-    grid = fig.add_gridspec(nrows, ncols, left=0.01, right=0.99, top=1 - 0.3 / height, bottom=0.75 / height,
+    grid = fig.add_gridspec(nrows, ncols, left=0.01, right=0.99, top=1 - 0.3 / height, bottom=0.95 / height,
                             wspace=0.03, hspace=0.12)
     axes = np.array([[fig.add_subplot(grid[r, c]) for c in range(ncols)] for r in range(nrows)])
     aspect = _aspect("axial", view.spacing)
@@ -727,9 +757,9 @@ def _overview_figure(d: _Display, flagged: list[ScoredRegion], baseline_itk: sit
         ax.imshow(_score_rgba(_plane(d.score.array, "axial", k), d), aspect=aspect, interpolation="nearest")
         if view.is3d:
             z = view.itk.TransformIndexToPhysicalPoint((0, 0, int(k)))[2]
-            ax.set_title(f"axial, {'S' if z >= 0 else 'I'} {abs(z):.0f} mm", fontsize=9)
+            ax.set_title(f"axial, {'S' if z >= 0 else 'I'} {abs(z):.0f} mm", fontsize=11)
             _orientation_marks(ax, "axial")
-    cax = fig.add_axes((0.2, 0.32 / height, 0.6, 0.14 / height))
+    cax = fig.add_axes((0.2, 0.5 / height, 0.6, 0.14 / height))
     cb = fig.colorbar(_score_mappable(d), cax=cax, orientation="horizontal")
     cb.set_label("change score over the baseline (cyan line: threshold)", fontsize=8)
     cb.ax.tick_params(labelsize=7)
@@ -746,37 +776,25 @@ class _Place:
     bbox: tuple[tuple[int, ...], tuple[int, ...]]  # union of the boxes
 
 
-def _places(flagged: list[ScoredRegion], cap: int, consider: int = 600) -> list[_Place]:
-    """Group flagged regions into places (transitive box overlap within a label), highest score first."""
-    regions = flagged[:consider]
-    n = len(regions)
-    if n == 0:
-        return []
-    lo = np.array([r.bbox[0] for r in regions])
-    hi = np.array([r.bbox[1] for r in regions])
-    labels = np.array([r.label for r in regions], dtype=object)
-    touch = np.all((lo[:, None, :] < hi[None, :, :]) & (lo[None, :, :] < hi[:, None, :]), axis=-1)
-    touch &= labels[:, None] == labels[None, :]
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in zip(*np.nonzero(np.triu(touch, 1))):
-        a, b = find(int(i)), find(int(j))
-        if a != b:
-            parent[max(a, b)] = min(a, b)  # the root stays the earliest (highest-scoring) region
-    groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(find(i), []).append(i)
-    places = []
-    for root in sorted(groups)[:cap]:
-        idx = groups[root]
-        places.append(_Place(lead=regions[root], members=tuple(regions[i].id for i in idx if i != root),
-                             bbox=(tuple(int(v) for v in lo[idx].min(axis=0)), tuple(int(v) for v in hi[idx].max(axis=0)))))
+def _places(flagged: list[ScoredRegion], cap: int) -> list[_Place]:
+    """Greedy, highest score first: a place is a flagged region plus the flagged regions of the same label whose
+    boxes overlap it directly (not transitively, so the box stays about one region wide)."""
+    places: list[_Place] = []
+    taken: set[int] = set()
+    for lead in flagged:
+        if len(places) >= cap:
+            break
+        if lead.id in taken:
+            continue
+        lo, hi = np.array(lead.bbox[0]), np.array(lead.bbox[1])
+        members = [r for r in flagged if r.id != lead.id and r.id not in taken and r.label == lead.label
+                   and np.all(np.array(r.bbox[0]) < hi) and np.all(lead.bbox[0] < np.array(r.bbox[1]))]
+        taken.add(lead.id)
+        taken.update(r.id for r in members)
+        ulo = np.min([lo] + [r.bbox[0] for r in members], axis=0)
+        uhi = np.max([hi] + [r.bbox[1] for r in members], axis=0)
+        places.append(_Place(lead=lead, members=tuple(r.id for r in members),
+                             bbox=(tuple(int(v) for v in ulo), tuple(int(v) for v in uhi))))
     return places
 
 
@@ -839,6 +857,14 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
     return str(value)
 
 
+def _label(key: str) -> str:
+    """A JSON key as a table label: units suffixes in brackets (translation_mm -> translation (mm))."""
+    for suffix, unit in (("_mm3", "mm³"), ("_mm", "mm"), ("_s", "s")):
+        if key.endswith(suffix):
+            return key[: -len(suffix)].replace("_", " ") + f" ({unit})"
+    return key.replace("_", " ")
+
+
 def _date(d: str | None) -> str:
     if d and len(d) == 8 and d.isdigit():
         return f"{d[:4]}-{d[4:6]}-{d[6:]}"
@@ -891,30 +917,34 @@ def _html(result: dict, regions: list[ScoredRegion], figures: list[tuple[_Place,
     qc_rows = [(k, v) for k, v in reg.items() if k not in ("reasons", "suspect", "transform_direction") and not isinstance(v, (dict, list))]
     qc_rows += [(k, v) for k, v in reg.items() if k == "stages"]
     reg_card = ("<div class='card'><h3>Registration quality</h3><table class='kv'>"
-                + "".join(f"<tr><td>{_e(k)}</td><td>{_e(_fmt(v, '.4g'))}</td></tr>" for k, v in qc_rows)
+                + "".join(f"<tr><td>{_e(_label(k))}</td><td>{_e(_fmt(v, '.4g'))}</td></tr>" for k, v in qc_rows)
                 + "</table></div>")
     parts.append("<h2>Patient and visits</h2><div class='cards'>" + visit_card(b, "Baseline") + visit_card(f, "Follow-up")
                  + reg_card + "</div>")
 
     # overview
     parts.append(f"<h2>Overview</h2><figure><img alt='change map overview' src='{overview}'><figcaption>Change score over "
-                 "the baseline (harmonised), axial slices seen from the feet: anterior up, patient left on the image right. "
+                 + ("the baseline (harmonised), axial slices seen from the feet: anterior up, patient left on the image right. "
+                    if len(b["size"]) == 3 else "the baseline, shown as stored (first row at the top). ") +
                  "The cyan line on the colour bar is the flagging threshold.</figcaption></figure>")
 
     # table
     shown = regions[: settings.max_table_rows]
     stat_keys = _stat_keys(shown)[:4]
-    head = ["id", "label", "location (mm)", "volume (mm³)", "score", "flagged"] + stat_keys
+    is3d = len(b["size"]) == 3
+    head = ["id", "label", "location (mm)", "volume (mm³)" if is3d else "area (mm²)", "score", "flagged"] + stat_keys
     rows_html = []
     for r in shown:
         cells = [f"<td class='num'>{r.id}</td>", f"<td>{_e(r.label)}</td>",
                  f"<td data-v='{r.centre_mm[-1]:.3f}'>{_location(r.centre_mm)}</td>",
-                 f"<td class='num'>{_fmt(r.volume_mm3, '.0f')}</td>", f"<td class='num'>{_fmt(r.score, '.2f')}</td>",
+                 f"<td class='num'>{_fmt(r.volume_mm3, '.0f' if is3d else '.3g')}</td>", f"<td class='num'>{_fmt(r.score, '.2f')}</td>",
                  f"<td data-v='{1 if r.flagged else 0}'><span class='tag {'y' if r.flagged else 'n'}'>{'yes' if r.flagged else 'no'}</span></td>"]
         cells += [f"<td class='num'>{_fmt(r.stats.get(k))}</td>" for k in stat_keys]
         rows_html.append(f"<tr class='{'flag' if r.flagged else ''}'>{''.join(cells)}</tr>")
-    parts.append("<h2>Regions</h2><p class='note'>Flagged first, then by score. Location: distance from the scanner origin "
-                 "towards patient Right/Left, Anterior/Posterior, Inferior/Superior. Click a column to sort.</p>"
+    where = ("distance from the scanner origin towards patient Right/Left, Anterior/Posterior, Inferior/Superior"
+             if is3d else "x, y in the image plane")
+    parts.append(f"<h2>Regions</h2><p class='note'>Flagged first, then by score. Location: {where}. "
+                 "Click a column to sort.</p>"
                  "<table class='regions'><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head)
                  + "</tr></thead><tbody>" + "".join(rows_html) + "</tbody></table>")
     if len(regions) > len(shown):
@@ -991,13 +1021,17 @@ def write_outputs(
     *,
     deidentify: bool = False,
     deid_key: bytes | None = None,
+    secrets: tuple[str, ...] = (),
+    patient_id: str | None = None,
     stamp: Mapping | None = None,
     settings: ReportSettings = ReportSettings(),
 ) -> dict[str, Path]:
     """Write every output file of one pair into out_dir, each atomically; `.complete` last.
 
     deidentify: patient id -> keyed pseudonym (`deid_key`, random when None), name -> "(hidden)", series UIDs and
-    source paths dropped, free text scrubbed of id/name; study dates are kept (intervals matter for reading change).
+    source paths dropped, free text scrubbed of id/name (and of `secrets`, e.g. the patient's folder name);
+    patient_id: the caller's name for the patient (e.g. the batch's patient folder), used before the images' own;
+    study dates are kept (intervals matter for reading change).
     stamp: anything that identifies the inputs (e.g. file sizes and mtimes, pipeline hash); stored in `.complete`
     so a later run can tell with `is_complete(out_dir, stamp)` whether this folder is still current.
     """
@@ -1005,7 +1039,8 @@ def write_outputs(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / COMPLETE).unlink(missing_ok=True)  # an interrupted rewrite must not look finished
-    secrets = identifiers(comparison) if deidentify else []
+    extra = {s for s in (*secrets, patient_id) if s}
+    secrets = sorted(set(identifiers(comparison)) | extra, key=len, reverse=True) if deidentify else []
     ordered = ordered_regions(comparison.regions)
 
     _write_nifti(out / OUTPUT_FILES["change_map"], sitk.Cast(comparison.change_map.itk, sitk.sitkFloat32))
@@ -1023,7 +1058,7 @@ def write_outputs(
         "false_alarm_rate": float(comparison.false_alarm_rate),
         "n_regions": len(ordered),
         "n_flagged": sum(1 for r in ordered if r.flagged),
-        "patient": _patient_block(comparison, deidentify, deid_key),
+        "patient": _patient_block(comparison, deidentify, deid_key, patient_id),
         "visits": [_visit_block(comparison.baseline, "baseline", deidentify, secrets),
                    _visit_block(comparison.followup, "followup", deidentify, secrets)],
         "registration": registration,
@@ -1059,10 +1094,18 @@ def write_outputs(
         if leaked:  # defence in depth; only text is scrubbed, never the embedded images
             log.warning("scrubbing %d identifier string(s) left in the report text", len(leaked))
             page = scrub_page(page, secrets)
+    text = json.dumps(result, indent=2, allow_nan=False) + "\n"
+    if deidentify and any(s.lower() in text.lower() for s in secrets):
+        log.warning("scrubbing identifier string(s) left in result.json")
+        text = scrub(text, secrets)
     atomic_write_text(out / OUTPUT_FILES["report"], page)
-    atomic_write_text(out / OUTPUT_FILES["result"], json.dumps(result, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out / OUTPUT_FILES["result"], text)
 
     paths = {key: out / name for key, name in OUTPUT_FILES.items()}
+    mode = _default_mode()
+    for path in [*paths.values(), out / "qc.json"]:  # other stages' atomic writers leave mkstemp's private 0o600
+        if path.is_file() and path.stat().st_mode & 0o777 != mode:
+            os.chmod(path, mode)
     files = {name: (out / name).stat().st_size for name in OUTPUT_FILES.values()}
     record = {"files": files, "stamp": jsonable(dict(stamp)) if stamp is not None else None,
               "longitudinal_version": __version__, "deidentified": deidentify}

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent
 SEED = 20240302  # change only on purpose: every file depends on it
 SETS = ("easy", "hard", "dicom", "fundus")
 WM_REF = 220.0  # template intensity of white matter; gains, curves and noise are relative to it
-OUT_SCALE = 0.5  # scanner units per template unit (white matter about 110): keeps the gzip files small
+OUT_SCALE = 0.4  # scanner units per template unit (white matter about 88): keeps the gzip files small
 ANAT_PAD_MM = 10  # margin kept around the template's brain when cropping the 1 mm anatomy
 FOV_MARGIN_MM = 9.0  # margin between the brain's bounding box and each visit's field of view
 
@@ -102,7 +102,6 @@ PATIENTS: dict[str, tuple[PatientSpec, ...]] = {
                     (("growing_lesion", 1), ("atrophy", 1), ("static_lesion", 0))),
         PatientSpec("sub-03", ("2019-11-05", "2020-05-12"), (("static_lesion", 0), ("static_lesion", 0))),
         PatientSpec("sub-04", ("2020-06-22", "2021-06-28"), (("new_lesion", 1), ("atrophy", 1))),
-        PatientSpec("sub-05", ("2021-02-01", "2021-08-03"), ()),
     ),
     "hard": (
         PatientSpec("P001", ("2021-03-04", "2021-06-10", "2021-12-02"),
@@ -111,7 +110,7 @@ PATIENTS: dict[str, tuple[PatientSpec, ...]] = {
         PatientSpec("P002", ("2020-10-12", "2021-04-19"), (("static_lesion", 0),), thick=(1,)),
         PatientSpec("P003", ("2019-05-06", "2019-11-11", "2020-05-18"),
                     (("atrophy", 2), ("new_lesion", 2), ("static_lesion", 0)), thick=(2,)),
-        PatientSpec("P004", ("2022-01-10", "2022-07-11"), (), oblique=(1,)),
+        PatientSpec("P004", ("2022-01-10", "2022-07-11"), (), thick=(1,), oblique=(1,)),
         PatientSpec("P005", ("2021-09-01", "2022-03-02"), (("new_lesion", 1), ("growing_lesion", 1))),
     ),
     "dicom": (
@@ -153,6 +152,7 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -456,8 +456,8 @@ def smooth_field(grid: sitk.Image, rng: np.random.Generator, mesh: int) -> sitk.
     return bs
 
 
-def acquisition(anat: Anatomy, proto: Protocol, rng: np.random.Generator, v: int, spec: PatientSpec,
-                brain_centre: np.ndarray, fov: np.ndarray) -> Acquisition:
+def acquisition(proto: Protocol, rng: np.random.Generator, v: int, spec: PatientSpec, brain_centre: np.ndarray,
+                fov: np.ndarray) -> Acquisition:
     """Draw the visit's pose, grid and scanner nuisances."""
     direction = np.eye(3)
     if v in spec.oblique:
@@ -594,7 +594,7 @@ def simulate_patient_3d(set_name: str, spec: PatientSpec) -> list[Visit3D]:
     edge = 0.6
     visits: list[Visit3D] = []
     for v, (vname, date) in enumerate(zip(names, spec.dates)):
-        acq = acquisition(anat, proto, rng, v, spec, brain_centre, fov)
+        acq = acquisition(proto, rng, v, spec, brain_centre, fov)
         t1, diffs = visit_anatomy(anat, changes, v, edge)
         blurred = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(on_grid(t1, anat.ref),
                                                                          proto.psf_sigma_mm))
@@ -626,7 +626,8 @@ def change_record(ch: Change3D, v: int, mask_1mm: np.ndarray | None, on_visit: n
     """What a change is, in this visit's physical space (LPS mm) and voxel indices (x, y, z)."""
     centre = invert_point(acq.transform, acq.rot, ch.centre)
     cidx = grid.TransformPhysicalPointToContinuousIndex(centre.tolist())
-    rec: dict = {"id": ch.cid, "type": ch.kind, "centre_mm": _r(centre, 2), "centre_voxel": [int(round(c)) for c in cidx]}
+    rec: dict = {"id": ch.cid, "type": ch.kind, "centre_mm": _r(centre, 2),
+                 "centre_voxel": [int(round(c)) for c in cidx]}
     if ch.kind == "atrophy":
         rec.update({"description": "CSF expansion: tissue next to CSF turned into CSF",
                     "diameter_mm": _r(2 * ch.radius0, 1), "thinning_mm": _r(ch.amount(v), 2),
@@ -888,7 +889,7 @@ def build_fundus(out: Path, spec: PatientSpec) -> None:
         gain = rng.uniform(0.85, 1.15)
         gamma = rng.uniform(0.85, 1.2)
         white = rng.uniform(0.95, 1.05, 3)
-        sigma = rng.uniform(0.006, 0.012)
+        sigma = rng.uniform(0.003, 0.006)
         x = np.clip(x * gain * white, 0, 1) ** gamma
         x = np.clip(x + rng.normal(0, sigma, x.shape) * (x > 0.02), 0, 1)
         png = np.round(x * 255).astype(np.uint8)
@@ -981,12 +982,60 @@ def tree_hashes(root: Path | str) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def summary_markdown(out_dir: Path | str = ROOT) -> str:
+    """A table of every patient (visits, changes with sizes, nuisances, MB), read back from the written truth."""
+    out_dir = Path(out_dir)
+    lines = ["| set | patient | visits | changes vs first visit (diameter; contrast) | nuisances | MB |",
+             "|---|---|---|---|---|---|"]
+    for set_name in SETS:
+        for spec in PATIENTS[set_name]:
+            truth = out_dir / set_name / "derivatives" / "changes" / spec.name
+            docs = [json.loads((truth / v / "changes.json").read_text()) for v in visit_names(spec, set_name)]
+            unit = "px" if set_name == "fundus" else "mm"
+            parts = []
+            for d in docs[1:]:
+                items = []
+                for c in d["changes"]:
+                    kind = c.get("appearance", c["type"].replace("_lesion", ""))
+                    size = c.get(f"diameter_{unit}")
+                    extra = (f", +{c['growth_radius_mm']:g} mm radius" if "growth_radius_mm" in c else
+                             f", {c['thinning_mm']:g} mm thinning" if "thinning_mm" in c else "")
+                    vol = f", {c['volume_mm3']} mm3 changed" if "volume_mm3" in c else ""
+                    items.append(f"{c['id']} {kind} {size:g} {unit}{extra}{vol}; {c['contrast_pct']:+g} %; "
+                                 f"{c['mask_voxels']} vox")
+                parts.append(f"{d['visit']}: " + (", ".join(items) if items else "none"))
+            nuis = []
+            for d in docs:
+                n = d["nuisances"]
+                bits = [f"rot {max(abs(a) for a in np.atleast_1d(n['rotation_deg'])):.1f} deg"]
+                if "gamma" in n and n["gamma"] != 1.0:
+                    bits.append(f"gamma {n['gamma']:g}")
+                if n.get("distortion_max_mm"):
+                    bits.append(f"warp {n['distortion_max_mm']:g} mm")
+                if n.get("slice_thickness_mm", 0) > 2:
+                    bits.append(f"{n['slice_thickness_mm']:g} mm slices")
+                if "direction" in n and not np.allclose(n["direction"], np.eye(3).ravel()):
+                    bits.append("oblique")
+                bits.append(f"noise {n['noise_sigma']:g}")
+                nuis.append(" ".join([d["visit"] + ":"] + [", ".join(bits)]))
+            files = [p for p in (out_dir / set_name).rglob("*") if p.is_file() and
+                     (spec.name in p.parts or set_name == "dicom" and "derivatives" not in p.parts)]
+            mb = sum(p.stat().st_size for p in files) / 1e6
+            lines.append(f"| {set_name} | {spec.name} | {len(docs)} | {'<br>'.join(parts)} | "
+                         f"{'<br>'.join(nuis)} | {mb:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT), help="output folder (default: sample_studies/ itself)")
     ap.add_argument("--sets", nargs="*", default=list(SETS), choices=SETS)
     ap.add_argument("--patients", nargs="*", default=None, help="only these patients (e.g. sub-03 P002)")
+    ap.add_argument("--summary", action="store_true", help="print the README table of what is built, then exit")
     args = ap.parse_args(argv)
+    if args.summary:
+        print(summary_markdown(args.out), end="")
+        return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
     build(args.out, args.sets, args.patients)

