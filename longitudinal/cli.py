@@ -99,22 +99,60 @@ def _positive_int(text: str) -> int:
 
 def _pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline", metavar="P", help="shipped pipeline name or a pipeline TOML file "
-                                                    "(default: 'default', or the only shipped one)")
+                                                    "(default: brain-mri, chest-ct or generic-2d by image kind)")
     p.add_argument("--deidentify", action="store_true",
                    help="hide patient IDs and names in every output (keyed pseudonyms; study dates are kept)")
 
 
 def _pipeline(name: str | None):
+    """The named pipeline, or None: then each pair gets the shipped pipeline that fits its images."""
+    from .pipeline import load
+
+    return None if name is None else load(name)
+
+
+def _register_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("fixed", metavar="FIXED", type=Path, help="baseline image: DICOM folder/file, NIfTI or 2D picture")
+    p.add_argument("moving", metavar="MOVING", type=Path, help="follow-up image, resampled onto FIXED's grid")
+    p.add_argument("-o", "--out", metavar="OUT", type=Path, required=True,
+                   help="folder for registered.nii.gz, transform.tfm and qc.json")
+    p.add_argument("--pipeline", metavar="P", help="shipped pipeline name or TOML file (default: by image kind)")
+
+
+def _register(args: argparse.Namespace) -> int:
+    from .io import load_image
+    from .pipeline import for_image
+    from .registration import register
+
+    fixed, moving = load_image(args.fixed), load_image(args.moving)
+    pipeline = _pipeline(args.pipeline) or for_image(fixed)
+    result = register(fixed, moving, pipeline.registration, pipeline.preprocessing)
+    result.save(args.out)
+    qc = result.qc
+    state = "SUSPECT: " + "; ".join(qc.reasons) if qc.suspect else "ok"
+    print(f"registration {state} (Dice {qc.dice:.3f}, NCC {qc.ncc:.3f}, {qc.seconds:.1f} s); written to {args.out}")
+    return EXIT_OK
+
+
+def _pipelines_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--show", metavar="P", help="print the settings of one pipeline (name or TOML file)")
+
+
+def _pipelines(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from .pipeline import available, load
 
-    if name is None:
-        shipped = available()
-        if "default" in shipped or len(shipped) == 1:
-            name = "default" if "default" in shipped else next(iter(shipped))
-        else:
-            raise InputError(None, "choose a pipeline with --pipeline (shipped: "
-                                   f"{', '.join(shipped) or 'none'}; or a TOML file)")
-    return load(name)
+    if args.show:
+        pipeline = load(args.show)
+        doc = {"name": pipeline.name, "version": pipeline.version, "source": pipeline.source,
+               **{stage: asdict(settings) for stage, settings in pipeline.stages.items()}}
+        print(json.dumps(doc, indent=2, default=str))
+        return EXIT_OK
+    for name, path in available().items():
+        pipeline = load(path)
+        print(f"{name:12s} v{pipeline.version:5s} {pipeline.modality:4s} {pipeline.description}")
+    return EXIT_OK
 
 
 def _compare_arguments(p: argparse.ArgumentParser) -> None:
@@ -171,6 +209,9 @@ def _batch(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Command] = {
     "studies": Command("list the patients and visits found under a folder", _studies_arguments, _studies),
+    "pipelines": Command("list the shipped pipelines, or show one's settings", _pipelines_arguments, _pipelines),
+    "register": Command("register a follow-up image to a baseline image and write the transform and QC",
+                        _register_arguments, _register),
     "compare": Command("compare a follow-up image with a baseline image and write a report", _compare_arguments,
                        _compare),
     "batch": Command("compare every follow-up of every patient in a folder and write a summary", _batch_arguments,

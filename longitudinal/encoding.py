@@ -466,13 +466,13 @@ class Encoder:
 
     def encode_pair(
         self, baseline: np.ndarray, followup: np.ndarray, mask: np.ndarray | None = None,
-        percentiles: tuple[float, float] = (0.5, 99.5),
+        percentiles: tuple[float, float] = (0.5, 99.5), rgb: bool = False,
     ) -> tuple[FeatureMap, FeatureMap, tuple[float, float]]:
         """Both visits through ONE intensity window taken from the baseline, so their features compare."""
         if np.shape(baseline) != np.shape(followup):
             raise InputError(None, f"visits differ in shape {np.shape(baseline)} vs {np.shape(followup)}: register first")
         window = intensity_window(baseline, mask, percentiles)
-        return self.encode(baseline, window), self.encode(followup, window), window
+        return self.encode(baseline, window, rgb=rgb), self.encode(followup, window, rgb=rgb), window
 
     # ---------------------------------------------------------------- internals
 

@@ -180,3 +180,12 @@ def _line_of(lines: list[str], table: str | None, key: str) -> int | str:
         if current == table and pattern.match(line):
             return number
     return "?"
+
+
+def for_image(image) -> Pipeline:
+    """The shipped pipeline that fits an image when the user named none: 2D pictures, CT, else brain MRI."""
+    if image.dim == 2:
+        return load("generic-2d")
+    if (image.meta.modality or "").upper() == "CT":
+        return load("chest-ct")
+    return load("brain-mri")

@@ -61,41 +61,39 @@ def grid_regions(reference: sitk.Image, mask: np.ndarray, settings: RegionSettin
     spacing = np.array(reference.GetSpacing())
     size = np.array(reference.GetSize())
     edge = np.maximum(1, np.round(settings.size_mm / spacing)).astype(int)
-    step = np.maximum(1, np.round(edge * (1 - settings.overlap))).astype(int)
+    step = np.maximum(1, np.ceil(edge * (1 - settings.overlap))).astype(int)
     voxel_mm3 = float(np.prod(spacing))
-    # Integral image of the mask gives every cube's foreground count in O(1).
-    integral = np.pad(mask.astype(np.int64), [(1, 0)] * mask.ndim).cumsum(0).cumsum(1)
-    if mask.ndim == 3:
-        integral = integral.cumsum(2)
     starts = [np.arange(0, max(1, n - e) + 1, s) for n, e, s in zip(size, edge, step)]
+    lo = np.stack(np.meshgrid(*starts, indexing="ij"), -1).reshape(-1, len(size))  # (x, y[, z]) order
+    hi = np.minimum(lo + edge, size)
+    counts = _box_sums(mask, lo[:, ::-1], hi[:, ::-1])
+    keep = counts >= settings.min_mask_fraction * np.prod(hi - lo, axis=1)
     regions = []
-    for lo in np.stack(np.meshgrid(*starts, indexing="ij"), -1).reshape(-1, len(size)):
-        hi = np.minimum(lo + edge, size)
-        count = _box_sum(integral, lo[::-1], hi[::-1])
-        if count < settings.min_mask_fraction * np.prod(hi - lo):
-            continue
-        centre = reference.TransformContinuousIndexToPhysicalPoint([float(v) for v in (lo + hi - 1) / 2])
+    for a, b, count in zip(lo[keep], hi[keep], counts[keep]):
+        centre = reference.TransformContinuousIndexToPhysicalPoint([float(v) for v in (a + b - 1) / 2])
         regions.append(
             Region(
                 id=len(regions) + 1,
                 label="grid",
-                bbox=(tuple(int(v) for v in lo), tuple(int(v) for v in hi)),
+                bbox=(tuple(int(v) for v in a), tuple(int(v) for v in b)),
                 value=None,
                 centre_mm=tuple(round(c, 2) for c in centre),
-                volume_mm3=round(count * voxel_mm3, 2),
+                volume_mm3=round(float(count) * voxel_mm3, 2),
             )
         )
     return regions
 
 
-def _box_sum(integral: np.ndarray, lo, hi) -> int:
-    """Sum of the original array over [lo, hi) from its zero-padded integral image (inclusion-exclusion)."""
-    total = 0
-    for corner in np.ndindex(*(2,) * len(lo)):
-        index = tuple(h if c else l for c, l, h in zip(corner, lo, hi))
-        sign = (-1) ** (len(lo) - sum(corner))
-        total += sign * integral[index]
-    return int(total)
+def _box_sums(mask: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Foreground count of every box [lo, hi) (numpy axis order) from one integral image."""
+    integral = np.pad(mask.astype(np.int64), [(1, 0)] * mask.ndim)
+    for axis in range(mask.ndim):
+        integral = integral.cumsum(axis)
+    total = np.zeros(len(lo), np.int64)
+    for corner in np.ndindex(*(2,) * mask.ndim):  # inclusion-exclusion over the box corners
+        index = tuple(np.where(c, hi[:, k], lo[:, k]) for k, c in enumerate(corner))
+        total += (-1) ** (mask.ndim - sum(corner)) * integral[index]
+    return total
 
 
 def _label_array(reference: sitk.Image, path: Path) -> np.ndarray:

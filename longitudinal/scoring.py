@@ -8,7 +8,6 @@ z-values, so a threshold reads as a per-region false-alarm rate under a Gaussian
 
 from __future__ import annotations
 
-import json
 import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from sklearn.ensemble import IsolationForest
 from sklearn.preprocessing import RobustScaler
 from sklearn.svm import OneClassSVM
 
+from .encoding import FeatureMap
 from .errors import InputError
 from .regions import Region
 
@@ -139,3 +139,51 @@ class ChangeDetector:
         except (OSError, pickle.UnpicklingError, KeyError, EOFError) as exc:
             raise InputError(path, f"not a normative model saved by longitudinal ({exc})") from None
         return detector
+
+
+@dataclass(frozen=True, eq=False)
+class PairScores:
+    """A pair's change, on the baseline grid."""
+
+    region_scores: np.ndarray  # (n_regions,) calibrated; flagged above `threshold`
+    region_stats: np.ndarray  # (n_regions, len(FEATURE_NAMES))
+    voxel_map: np.ndarray  # calibrated score per voxel, same scale as `threshold`
+    flagged_mask: np.ndarray  # bool: the voxels of flagged regions that changed
+    threshold: float
+
+
+def feature_distance(features_b: FeatureMap, features_f: FeatureMap) -> np.ndarray:
+    """Per-location distance of the two visits' features, each channel scaled by its typical difference."""
+    diff = features_b.data - features_f.data
+    scale = np.median(np.abs(diff), axis=tuple(range(1, diff.ndim)), keepdims=True) + 1e-6
+    dist = np.sqrt(((diff / scale) ** 2).mean(0)).astype(np.float32)
+    return FeatureMap(dist[None], features_b.stride, features_b.input_shape).upsampled()[0]
+
+
+def score_pair(
+    baseline: np.ndarray,
+    followup: np.ndarray,
+    features_b: FeatureMap,
+    features_f: FeatureMap,
+    mask: np.ndarray,
+    spacing_zyx: tuple[float, ...],
+    regions: list[Region],
+    labels: np.ndarray | None,
+    settings: ScoringSettings,
+    detector: ChangeDetector | None = None,
+) -> PairScores:
+    """Score every region; `detector` is a fitted normative model, else one is fitted within the pair."""
+    maps = change_maps(baseline, followup, feature_distance(features_b, features_f), mask, spacing_zyx, settings.smoothing_mm)
+    X = region_features(maps, regions, mask, labels)
+    detector = detector or ChangeDetector(settings).fit(X)
+    scores = detector.score_samples(X)
+    threshold = settings.threshold
+    voxel_map = np.zeros(mask.shape, np.float32)
+    flagged_mask = np.zeros(mask.shape, bool)
+    for region, score in zip(regions, scores):
+        s, members = region.slices(), region.members(mask, labels)
+        view = voxel_map[s]
+        view[members] = np.maximum(view[members], score)
+        if score > threshold:
+            flagged_mask[s] |= members
+    return PairScores(scores, X, voxel_map, flagged_mask, threshold)

@@ -234,3 +234,48 @@ def test_settings_validate_and_accept_toml_lists():
     with pytest.raises(ValueError):
         RegistrationSettings(shrink_factors=(4, 2), smoothing_sigmas_mm=(1.0,))
     assert isinstance(Registration, type)
+
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_studies"
+
+
+def _anatomy_tre(r: Registration, fixed: Image, a_fixed: sitk.Transform, a_moving: sitk.Transform) -> np.ndarray:
+    """TRE through the studies' ground truth: each visit's to_anatomy.tfm maps its points to the patient's
+    anatomy, so a correct fixed->moving transform T gives a_moving(T(p)) == a_fixed(p)."""
+    arr = sitk.GetArrayFromImage(sitk.Cast(fixed.itk, sitk.sitkFloat32))
+    thr = np.percentile(arr[arr > 0], 30)
+    idx = np.argwhere(arr > thr)[::11][:, ::-1]
+    pts = [fixed.itk.TransformIndexToPhysicalPoint([int(v) for v in i]) for i in idx]
+    return np.array([np.linalg.norm(np.subtract(a_moving.TransformPoint(r.transform.TransformPoint(p)),
+                                                 a_fixed.TransformPoint(p))) for p in pts])
+
+
+def test_sample_study_easy_pair_is_registered_to_its_ground_truth():
+    sub = SAMPLES / "easy" / "sub-01"
+    truth = SAMPLES / "easy" / "derivatives" / "changes" / "sub-01"
+    files = [next((sub / s / "anat").glob("*_T1w.nii.gz"), None) if (sub / s / "anat").exists() else None
+             for s in ("ses-01", "ses-02")]
+    if None in files or not (truth / "ses-02" / "to_anatomy.tfm").exists():
+        pytest.skip("sample_studies/easy/sub-01 not built")
+    fixed, moving = load_image(files[0]), load_image(files[1])
+    r = register(fixed, moving)
+    err = _anatomy_tre(r, fixed, sitk.ReadTransform(str(truth / "ses-01" / "to_anatomy.tfm")),
+                       sitk.ReadTransform(str(truth / "ses-02" / "to_anatomy.tfm")))
+    assert err.mean() < 0.3 and np.percentile(err, 95) < 0.5, (err.mean(), np.percentile(err, 95))
+    assert not r.qc.suspect, r.qc.reasons
+
+
+def test_bspline_stage_absorbs_scanner_distortion_on_the_hard_sample_study():
+    patient = SAMPLES / "hard" / "P002"
+    truth = SAMPLES / "hard" / "derivatives" / "changes" / "P002"
+    visits = sorted(p.name for p in patient.iterdir()) if patient.exists() else []
+    if len(visits) < 2 or not (truth / visits[1] / "to_anatomy.tfm").exists():
+        pytest.skip("sample_studies/hard/P002 not built")
+    fixed, moving = load_image(patient / visits[0] / "t1.nii.gz"), load_image(patient / visits[1] / "t1.nii.gz")
+    a_f = sitk.ReadTransform(str(truth / visits[0] / "to_anatomy.tfm"))
+    a_m = sitk.ReadTransform(str(truth / visits[1] / "to_anatomy.tfm"))
+    affine = _anatomy_tre(register(fixed, moving), fixed, a_f, a_m)
+    deformable = _anatomy_tre(register(fixed, moving, RegistrationSettings(stages=("rigid", "affine", "bspline"))),
+                              fixed, a_f, a_m)
+    assert deformable.mean() < 0.8 * affine.mean(), (deformable.mean(), affine.mean())
+    assert deformable.mean() < 0.4
