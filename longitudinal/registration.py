@@ -62,6 +62,7 @@ class RegistrationSettings:
     mask_dilation_mm: float = 4.0  # keep the body edge, the most informative contour, inside the mask
     bspline_mesh_mm: float = 60.0  # control-point spacing of the deformable stage
     bspline_iterations: int = 20  # per level; the deformable stage stays coarse and bounded
+    bspline_sampling_fraction: float = 0.003  # hundreds of parameters make each sample dearer: sample fewer
     bspline_shrink_factors: tuple[int, ...] = (4, 2)
     bspline_smoothing_sigmas_mm: tuple[float, ...] = (2.0, 1.0)
     seed: int = 1234
@@ -88,8 +89,8 @@ class RegistrationSettings:
             raise ValueError("shrink_factors and smoothing_sigmas_mm need the same, non-zero length")
         if len(self.bspline_shrink_factors) != len(self.bspline_smoothing_sigmas_mm) or not self.bspline_shrink_factors:
             raise ValueError("bspline_shrink_factors and bspline_smoothing_sigmas_mm need the same, non-zero length")
-        if not 0.0 < self.sampling_fraction <= 1.0:
-            raise ValueError("sampling_fraction must be in (0, 1]")
+        if not (0.0 < self.sampling_fraction <= 1.0 and 0.0 < self.bspline_sampling_fraction <= 1.0):
+            raise ValueError("sampling fractions must be in (0, 1]")
         if self.iterations < 0 or self.bspline_iterations < 0 or self.metric_bins < 4:
             raise ValueError("iterations must be >= 0 and metric_bins >= 4")
 
@@ -579,7 +580,8 @@ def register(
             bspline = sitk.BSplineTransformInitializer(f_work, mesh, order=3)
             if settings.bspline_iterations > 0:
                 bshrink = tuple(max(1, min(s, min_size // 8)) for s in settings.bspline_shrink_factors)
-                reg = _method(settings, f_mask, bshrink, settings.bspline_smoothing_sigmas_mm, n_voxels, dim)
+                reg = _method(dataclasses.replace(settings, sampling_fraction=settings.bspline_sampling_fraction),
+                              f_mask, bshrink, settings.bspline_smoothing_sigmas_mm, n_voxels, dim)
                 reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=settings.bspline_iterations,
                                          maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=4 * settings.bspline_iterations,
                                          costFunctionConvergenceFactor=1e7)

@@ -1,22 +1,39 @@
-"""Scoring change: per-region change features, a one-class detector of unchanged anatomy, calibrated scores.
+"""Scoring change: voxel change maps, per-region change features, a one-class detector, calibrated scores.
 
-The detector learns what "no real change" looks like (noise, residual misalignment, scanner drift) from
-regions of the same pair (most anatomy is stable) or from a cohort of stable pairs (a normative model),
-and scores every region by how far it lies outside that. Scores are calibrated on the null regions as robust
-z-values, so a threshold reads as a per-region false-alarm rate under a Gaussian tail.
+What differs between two scans without anything having changed (noise, a residual bias field, gain and
+intensity curve, ~1 mm of residual misalignment or scanner distortion) is removed or discounted before any
+detector sees it:
+
+- intensity: log ratio of the harmonised visits (gain cancels), minus its smooth part (residual bias field),
+  divided by what noise and misalignment alone would give at that voxel (sqrt(noise^2 + (gradient x
+  misalignment)^2): edges move, flat tissue does not), then pooled over ~1 mm;
+- encoder: per-stage distance of the two visits' dense CNN features, each channel scaled by its typical
+  difference inside the foreground.
+
+Each region gets the mean and maximum of every map. A One-Class SVM (or Isolation Forest) learns what
+unchanged regions look like - from the pair itself (most anatomy is stable) or from stable pairs of a cohort (a
+normative model) - and its decision values are turned into p-values against null regions: empirical in the
+bulk, a generalized Pareto tail (shape >= 0, so beyond the largest null value scores stay finite and ordered)
+above the 90th percentile. A region's score is -log10(p), so `threshold = -log10(false_alarm_rate)` means: an
+unchanged region exceeds it with that probability.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import pickle
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from scipy import ndimage
-from scipy.stats import norm
+from scipy.special import logsumexp
+from scipy.stats import genpareto
 from sklearn.ensemble import IsolationForest
+from sklearn.metrics.pairwise import euclidean_distances
 from sklearn.preprocessing import RobustScaler
 from sklearn.svm import OneClassSVM
 
@@ -24,108 +41,323 @@ from .encoding import FeatureMap
 from .errors import InputError
 from .regions import Region
 
-FEATURE_NAMES = (
-    "feature_distance_p50",
-    "feature_distance_p90",
-    "feature_distance_max",
-    "intensity_abs_z_mean",
-    "intensity_abs_z_p90",
-    "intensity_z_p02",
-    "intensity_z_p98",
-)
+log = logging.getLogger(__name__)
+
+MAP_KINDS = ("intensity", "subtraction", "encoder")
+MAX_SCORE = 300.0  # -log10 of the smallest p-value reported
 
 
 @dataclass(frozen=True)
 class ScoringSettings:
+    """How change is measured and when a region is flagged; a `[scoring]` TOML table sets these by name."""
+
     detector: Literal["ocsvm", "iforest"] = "ocsvm"
     nu: float = 0.05  # OCSVM: upper bound on the fraction of fitting regions treated as outliers
     gamma: float | str = "scale"
     n_estimators: int = 200  # Isolation Forest
-    false_alarm_rate: float = 1e-4  # per region; sets the flagging threshold
+    false_alarm_rate: float = 1e-4  # per unchanged region; sets the flagging threshold
     normative_model: Path | None = None  # fitted by `longitudinal fit-normative`; None = fit within the pair
-    smoothing_mm: float = 1.0  # of the voxel change maps, against single-voxel noise
+    # Change maps the detector sees: "intensity" (bias- and misalignment-tolerant log ratio), "encoder"
+    # (per-stage feature distance), "subtraction" (plain |F - B| after harmonisation: the naive baseline).
+    maps: tuple[str, ...] = ("intensity", "encoder")
+    smoothing_mm: float = 1.0  # pooling of the intensity maps, against single-voxel noise
+    pool_mm: float = 1.5  # pooling of the signed intensity change over about a small lesion's radius
+    bias_mm: float = 8.0  # smooth intensity ratios wider than this are bias field, not change
+    misalignment_mm: float = 1.0  # residual misalignment/distortion tolerated at edges
+    max_fit_regions: int = 3000  # regions subsampled to fit the detector (OCSVM is quadratic in them)
+    tail_fraction: float = 0.1  # upper fraction of null scores the generalized Pareto tail is fitted to
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "maps", tuple(self.maps))
+        if self.normative_model is not None:
+            object.__setattr__(self, "normative_model", Path(self.normative_model))
+        if self.detector not in ("ocsvm", "iforest"):
+            raise ValueError(f"detector {self.detector!r} must be 'ocsvm' or 'iforest'")
+        if not self.maps or any(m not in MAP_KINDS for m in self.maps):
+            raise ValueError(f"maps {self.maps!r} must be a non-empty subset of {MAP_KINDS}")
+        if not 0.0 < self.false_alarm_rate < 1.0:
+            raise ValueError(f"false_alarm_rate {self.false_alarm_rate} must be in (0, 1)")
+        if not 0.0 < self.tail_fraction < 1.0 or self.max_fit_regions < 10:
+            raise ValueError("tail_fraction must be in (0, 1) and max_fit_regions >= 10")
 
     @property
     def threshold(self) -> float:
-        """Calibrated score above which a region is flagged."""
-        return float(norm.isf(self.false_alarm_rate))
+        """Calibrated score (-log10 p) above which a region is flagged."""
+        return float(-math.log10(self.false_alarm_rate))
 
 
-def change_maps(
-    baseline: np.ndarray,
-    followup: np.ndarray,
-    feature_distance: np.ndarray,
-    mask: np.ndarray,
-    spacing_zyx: tuple[float, ...],
-    smoothing_mm: float,
-) -> dict[str, np.ndarray]:
-    """Voxel maps of change on the baseline grid, each robustly standardised inside the mask."""
-    sigma = [smoothing_mm / s for s in spacing_zyx]
-    inside = mask.astype(bool)
-    diff = ndimage.gaussian_filter(followup.astype(np.float32) - baseline.astype(np.float32), sigma)
-    return {
-        "intensity_z": _robust_z(diff, inside),
-        "feature_distance": _robust_z(feature_distance.astype(np.float32), inside),
-    }
+# --------------------------------------------------------------------------- voxel maps
 
 
 def _robust_z(values: np.ndarray, inside: np.ndarray) -> np.ndarray:
     sample = values[inside]
     median = float(np.median(sample))
-    scale = 1.4826 * float(np.median(np.abs(sample - median))) or float(sample.std()) or 1.0
+    scale = 1.4826 * float(np.median(np.abs(sample - median)))
+    if scale <= 1e-12:
+        scale = float(sample.std()) or 1.0
     return ((values - median) / scale).astype(np.float32)
 
 
-def region_features(maps: dict[str, np.ndarray], regions: list[Region], mask: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
-    """One row of change statistics per region (columns as FEATURE_NAMES)."""
-    rows = np.zeros((len(regions), len(FEATURE_NAMES)), np.float32)
-    for i, region in enumerate(regions):
-        s, members = region.slices(), region.members(mask, labels)
-        d = maps["feature_distance"][s][members]
-        z = maps["intensity_z"][s][members]
-        if d.size == 0:
-            continue
-        dp50, dp90 = np.percentile(d, [50, 90])
-        zlo, zhi = np.percentile(z, [2, 98])
-        rows[i] = (dp50, dp90, d.max(), np.abs(z).mean(), np.percentile(np.abs(z), 90), zlo, zhi)
-    return rows
+def _masked_smooth(values: np.ndarray, inside: np.ndarray, sigma) -> np.ndarray:
+    """Gaussian mean over the foreground only (normalised convolution), so the edge does not leak in."""
+    w = inside.astype(np.float32)
+    num = ndimage.gaussian_filter(values * w, sigma)
+    den = ndimage.gaussian_filter(w, sigma)
+    return num / np.maximum(den, 1e-3)
+
+
+def intensity_change(baseline: np.ndarray, followup: np.ndarray, mask: np.ndarray, spacing_zyx,
+                     settings: "ScoringSettings") -> np.ndarray:
+    """|change| in units of what noise and misalignment alone would produce at each voxel (>= 0)."""
+    inside = mask.astype(bool)
+    sp = np.asarray(spacing_zyx, float)
+    floor = max(float(np.percentile(baseline[inside], 1)), 1e-3) if inside.any() else 1.0
+    lb = np.log(np.maximum(baseline.astype(np.float32), floor))
+    lf = np.log(np.maximum(followup.astype(np.float32), floor))
+    ratio = np.where(inside, lf - lb, 0.0).astype(np.float32)
+    lf = lf - _masked_smooth(ratio, inside, settings.bias_mm / sp)  # residual bias field
+    sigma = settings.smoothing_mm / sp
+    sb, sf = ndimage.gaussian_filter(lb, sigma), ndimage.gaussian_filter(lf, sigma)
+    mean = 0.5 * (sb + sf)
+    grad2 = sum((ndimage.sobel(mean, axis=a) / (8.0 * sp[a])) ** 2 for a in range(mean.ndim))
+    diff = np.where(inside, sf - sb, 0.0)
+    noise = 1.4826 * float(np.median(np.abs(diff[inside]))) if inside.any() else 1.0
+    z = diff / np.sqrt(noise ** 2 + grad2 * settings.misalignment_mm ** 2 + 1e-12)
+    # a lesion changes its voxels the same way: pool the signed change over about its size (matched filter)
+    return np.abs(_masked_smooth(z.astype(np.float32), inside, settings.pool_mm / sp)).astype(np.float32)
+
+
+def subtraction_change(baseline: np.ndarray, followup: np.ndarray, spacing_zyx, settings: "ScoringSettings") -> np.ndarray:
+    """Plain |F - B| after harmonisation, smoothed like the other maps: the naive baseline method."""
+    sigma = settings.smoothing_mm / np.asarray(spacing_zyx, float)
+    return ndimage.gaussian_filter(np.abs(followup.astype(np.float32) - baseline.astype(np.float32)), sigma)
+
+
+def feature_distances(features_b: FeatureMap, features_f: FeatureMap, mask: np.ndarray | None = None) -> list[np.ndarray]:
+    """Per encoder stage, the distance of the two visits' features at every voxel.
+
+    Each channel is scaled by its median absolute difference inside the foreground, so no channel dominates
+    and the distance reads as 'times the typical between-visit difference'."""
+    diff = features_b.data - features_f.data
+    cell_mask = None
+    if mask is not None:
+        cell_mask = _cells_of(mask.astype(bool), features_b)
+    stages = features_b.stage_channels or (features_b.channels,)
+    out, start = [], 0
+    for c in stages:
+        d = diff[start:start + c]
+        start += c
+        sample = d[:, cell_mask] if cell_mask is not None and cell_mask.any() else d.reshape(c, -1)
+        scale = np.median(np.abs(sample), axis=1) + 1e-6
+        dist = np.sqrt(((d / scale.reshape((c,) + (1,) * (d.ndim - 1))) ** 2).mean(0)).astype(np.float32)
+        out.append(FeatureMap(dist[None], features_b.stride, features_b.input_shape).upsampled()[0])
+    return out
+
+
+def _cells_of(mask: np.ndarray, fm: FeatureMap) -> np.ndarray:
+    """Feature cells with any foreground voxel."""
+    pad = [(0, g * s - n) for g, s, n in zip(fm.grid_shape, fm.stride, mask.shape)]
+    m = np.pad(mask, pad)
+    shape = []
+    for g, s in zip(fm.grid_shape, fm.stride):
+        shape += [g, s]
+    return m.reshape(shape).any(axis=tuple(range(1, 2 * len(fm.grid_shape), 2)))
+
+
+def change_maps(
+    baseline: np.ndarray,
+    followup: np.ndarray,
+    features_b: FeatureMap | None,
+    features_f: FeatureMap | None,
+    mask: np.ndarray,
+    spacing_zyx: tuple[float, ...],
+    settings: ScoringSettings,
+) -> dict[str, np.ndarray]:
+    """Voxel maps of change on the baseline grid, each robustly standardised inside the mask."""
+    inside = mask.astype(bool)
+    maps: dict[str, np.ndarray] = {}
+    if "intensity" in settings.maps:
+        maps["intensity"] = _robust_z(intensity_change(baseline, followup, mask, spacing_zyx, settings), inside)
+    if "subtraction" in settings.maps:
+        maps["subtraction"] = _robust_z(subtraction_change(baseline, followup, spacing_zyx, settings), inside)
+    if "encoder" in settings.maps:
+        if features_b is None or features_f is None:
+            raise ValueError("scoring.maps includes 'encoder' but no features were given")
+        for k, d in enumerate(feature_distances(features_b, features_f, inside), start=1):
+            maps[f"encoder_stage{k}"] = _robust_z(d, inside)
+    return maps
+
+
+# --------------------------------------------------------------------------- region features
+
+
+def feature_names(map_names) -> tuple[str, ...]:
+    return tuple(f"{m}_{stat}" for m in map_names for stat in ("mean_z", "max_z"))
+
+
+def _integral(values: np.ndarray) -> np.ndarray:
+    out = np.pad(values.astype(np.float64), [(1, 0)] * values.ndim)
+    for axis in range(values.ndim):
+        out = out.cumsum(axis)
+    return out
+
+
+def _box_sum(integral: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    ndim = lo.shape[1]
+    total = np.zeros(len(lo))
+    for corner in np.ndindex(*(2,) * ndim):
+        index = tuple(np.where(c, hi[:, k], lo[:, k]) for k, c in enumerate(corner))
+        total += (-1) ** (ndim - sum(corner)) * integral[index]
+    return total
+
+
+def _boxes(regions: list[Region]) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) in numpy axis order."""
+    lo = np.array([r.bbox[0][::-1] for r in regions], np.int64)
+    hi = np.array([r.bbox[1][::-1] for r in regions], np.int64)
+    return lo, hi
+
+
+def region_features(maps: dict[str, np.ndarray], regions: list[Region], mask: np.ndarray,
+                    labels: np.ndarray | None) -> np.ndarray:
+    """Mean and max of every map over each region's foreground voxels (columns as `feature_names(maps)`).
+
+    Boxes (grid regions) use integral images and one maximum filter, so 30k overlapping cubes cost about as
+    much as one pass over the image; label regions use scipy's labelled statistics."""
+    inside = mask.astype(bool)
+    rows = np.zeros((len(regions), 2 * len(maps)), np.float32)
+    if not regions:
+        return rows
+    if all(r.value is None for r in regions):
+        lo, hi = _boxes(regions)
+        count = np.maximum(_box_sum(_integral(inside), lo, hi), 1)
+        edge = Counter(map(tuple, hi - lo)).most_common(1)[0][0]
+        centre = np.minimum(lo + np.array(edge) // 2, np.array(mask.shape) - 1)
+        regular = np.all(hi - lo == np.array(edge), axis=1)
+        for j, values in enumerate(maps.values()):
+            rows[:, 2 * j] = _box_sum(_integral(np.where(inside, values, 0.0)), lo, hi) / count
+            masked = np.where(inside, values, -np.inf).astype(np.float32)
+            rows[:, 2 * j + 1] = ndimage.maximum_filter(masked, size=edge, mode="constant", cval=-np.inf)[tuple(centre.T)]
+            for i in np.flatnonzero(~regular):  # boxes cut by the image edge
+                s = regions[i].slices()
+                rows[i, 2 * j + 1] = masked[s].max()
+        rows[~np.isfinite(rows)] = 0.0
+        return rows
+    if labels is None:
+        raise ValueError("label regions need the label array")
+    values_of = np.array([r.value for r in regions])
+    lab = np.where(inside, labels, 0)
+    for j, values in enumerate(maps.values()):
+        rows[:, 2 * j] = ndimage.mean(values, lab, values_of)
+        rows[:, 2 * j + 1] = ndimage.maximum(values, lab, values_of)
+    return np.nan_to_num(rows)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+@dataclass(frozen=True, eq=False)
+class TailCalibration:
+    """p-values of raw detector outputs against null (unchanged) regions: empirical below `u`, a generalized
+    Pareto tail above it. Shape is kept >= 0 (exponential at least), so values beyond every null region get
+    ever smaller, finite p-values instead of exactly 0."""
+
+    null_sorted: np.ndarray
+    u: float
+    tail_prob: float
+    shape: float
+    scale: float
+
+    @classmethod
+    def fit(cls, null: np.ndarray, tail_fraction: float = 0.1) -> "TailCalibration":
+        null = np.sort(np.asarray(null, np.float64))
+        if len(null) < 20:
+            raise InputError(None, f"too few null regions ({len(null)}) to calibrate scores")
+        u = float(np.quantile(null, 1.0 - tail_fraction))
+        excess = null[null > u] - u
+        tail_prob = len(excess) / len(null)
+        shape, scale = 0.0, float(excess.mean()) if len(excess) else 1.0
+        if len(excess) >= 30:
+            try:
+                c, _, s = genpareto.fit(excess, floc=0.0)
+                if c >= 0 and np.isfinite(s) and s > 0:
+                    shape, scale = float(c), float(s)
+            except (RuntimeError, ValueError):  # keep the exponential tail
+                pass
+        return cls(null, u, tail_prob, shape, max(scale, 1e-12))
+
+    def pvalue(self, raw: np.ndarray) -> np.ndarray:
+        raw = np.asarray(raw, np.float64)
+        n = len(self.null_sorted)
+        empirical = (n - np.searchsorted(self.null_sorted, raw, side="left") + 1) / (n + 1)
+        tail = self.tail_prob * genpareto.sf(raw - self.u, self.shape, loc=0.0, scale=self.scale)
+        return np.where(raw > self.u, tail, np.maximum(empirical, self.tail_prob))
+
+    def score(self, raw: np.ndarray) -> np.ndarray:
+        """-log10 p, capped at MAX_SCORE."""
+        p = np.maximum(self.pvalue(raw), 10.0 ** -MAX_SCORE)
+        return (-np.log10(p)).astype(np.float64)
+
+
+# --------------------------------------------------------------------------- detector
 
 
 class ChangeDetector:
-    """One-class model of unchanged regions: fit / score_samples / save / load, as scikit-learn estimators."""
+    """One-class model of unchanged regions: fit / score_samples / save / load, as scikit-learn estimators.
+
+    `score_samples` returns -log10 p-values against the regions it was calibrated on (all fitting regions)."""
 
     def __init__(self, settings: ScoringSettings = ScoringSettings()):
         self.settings = settings
 
-    def fit(self, X: np.ndarray) -> "ChangeDetector":
-        if len(X) < 10:
+    def fit(self, X: np.ndarray, feature_names_: tuple[str, ...] = ()) -> "ChangeDetector":
+        X = np.asarray(X, np.float64)
+        if len(X) < 20:
             raise InputError(None, f"too few regions ({len(X)}) to learn what unchanged anatomy looks like")
         s = self.settings
-        self.scaler_ = RobustScaler().fit(X)
-        Z = self.scaler_.transform(X)
+        rng = np.random.default_rng(s.seed)
+        fit_rows = X if len(X) <= s.max_fit_regions else X[rng.choice(len(X), s.max_fit_regions, replace=False)]
+        self.feature_names_ = tuple(feature_names_)
+        self.scaler_ = RobustScaler(quantile_range=(10.0, 90.0)).fit(fit_rows)
+        Z = self._scaled(fit_rows)
         if s.detector == "ocsvm":
             self.model_ = OneClassSVM(kernel="rbf", nu=s.nu, gamma=s.gamma).fit(Z)
         else:
             self.model_ = IsolationForest(n_estimators=s.n_estimators, random_state=s.seed).fit(Z)
-        raw = self._raw(X)
-        self.centre_ = float(np.median(raw))
-        self.scale_ = 1.4826 * float(np.median(np.abs(raw - self.centre_))) or float(raw.std()) or 1.0
+        self.calibration_ = TailCalibration.fit(self.raw(X), s.tail_fraction)
+        self.n_fit_ = len(X)
         return self
 
-    def _raw(self, X: np.ndarray) -> np.ndarray:
-        # Both detectors' decision functions are higher for normal samples: negate so higher = more change.
-        return -self.model_.decision_function(self.scaler_.transform(X))
+    def _scaled(self, X: np.ndarray) -> np.ndarray:
+        # Change is one-sided: a region changing less than the typical one is as unchanged as the typical one,
+        # so values below the median are clipped to it and the detector only models 'more change than usual'.
+        return np.maximum(self.scaler_.transform(np.asarray(X, np.float64)), 0.0)
+
+    def raw(self, X: np.ndarray) -> np.ndarray:
+        """Uncalibrated change, higher = less like unchanged anatomy.
+
+        OCSVM: -log of its kernel expansion sum_i a_i exp(-gamma |x - sv_i|^2) (= decision function + rho),
+        evaluated in the log domain. The decision function itself saturates at -rho far from every support
+        vector, so a region twice as far out as another would get the same score; the log does not.
+        Isolation Forest: its negated decision function."""
+        Z = self._scaled(X)
+        if not isinstance(self.model_, OneClassSVM):
+            return -self.model_.decision_function(Z)
+        sv, alpha = self.model_.support_vectors_, self.model_.dual_coef_[0]
+        d2 = euclidean_distances(Z, sv, squared=True)
+        return -logsumexp(np.log(np.maximum(alpha, 1e-300))[None, :] - self.model_._gamma * d2, axis=1)
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
-        """Calibrated change score: a robust z-value against the regions the model was fitted on."""
-        return (self._raw(X) - self.centre_) / self.scale_
+        return self.calibration_.score(self.raw(X))
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
+        state = dict(self.__dict__)
+        state["settings"] = asdict(self.settings)
         with open(tmp, "wb") as f:
-            pickle.dump({"settings": asdict(self.settings), "state": self.__dict__}, f)
+            pickle.dump({"format": "longitudinal.ChangeDetector/2", "state": state}, f)
         tmp.replace(path)
 
     @classmethod
@@ -134,37 +366,44 @@ class ChangeDetector:
         try:
             with open(path, "rb") as f:
                 payload = pickle.load(f)
-            detector = cls.__new__(cls)
-            detector.__dict__.update(payload["state"])
-        except (OSError, pickle.UnpicklingError, KeyError, EOFError) as exc:
+            state = dict(payload["state"])
+            if payload.get("format") != "longitudinal.ChangeDetector/2":
+                raise KeyError("format")
+            state["settings"] = ScoringSettings(**state["settings"])
+        except (OSError, pickle.UnpicklingError, KeyError, EOFError, TypeError, AttributeError) as exc:
             raise InputError(path, f"not a normative model saved by longitudinal ({exc})") from None
+        detector = cls.__new__(cls)
+        detector.__dict__.update(state)
         return detector
+
+
+# --------------------------------------------------------------------------- a pair
 
 
 @dataclass(frozen=True, eq=False)
 class PairScores:
     """A pair's change, on the baseline grid."""
 
-    region_scores: np.ndarray  # (n_regions,) calibrated; flagged above `threshold`
-    region_stats: np.ndarray  # (n_regions, len(FEATURE_NAMES))
-    voxel_map: np.ndarray  # calibrated score per voxel, same scale as `threshold`
-    flagged_mask: np.ndarray  # bool: the voxels of flagged regions that changed
+    region_scores: np.ndarray  # (n_regions,) -log10 p; flagged above `threshold`
+    region_stats: np.ndarray  # (n_regions, len(feature_names))
+    voxel_map: np.ndarray  # per voxel: the highest score of the regions holding it, same scale as `threshold`
+    flagged_mask: np.ndarray  # bool: foreground voxels of flagged regions
     threshold: float
+    feature_names: tuple[str, ...] = ()
 
 
-def feature_distance(features_b: FeatureMap, features_f: FeatureMap) -> np.ndarray:
-    """Per-location distance of the two visits' features, each channel scaled by its typical difference."""
-    diff = features_b.data - features_f.data
-    scale = np.median(np.abs(diff), axis=tuple(range(1, diff.ndim)), keepdims=True) + 1e-6
-    dist = np.sqrt(((diff / scale) ** 2).mean(0)).astype(np.float32)
-    return FeatureMap(dist[None], features_b.stride, features_b.input_shape).upsampled()[0]
+def pair_features(baseline, followup, features_b, features_f, mask, spacing_zyx, regions, labels,
+                  settings: ScoringSettings) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Region change features of one pair (what a normative model is fitted on)."""
+    maps = change_maps(baseline, followup, features_b, features_f, mask, spacing_zyx, settings)
+    return region_features(maps, regions, mask, labels), feature_names(maps)
 
 
 def score_pair(
     baseline: np.ndarray,
     followup: np.ndarray,
-    features_b: FeatureMap,
-    features_f: FeatureMap,
+    features_b: FeatureMap | None,
+    features_f: FeatureMap | None,
     mask: np.ndarray,
     spacing_zyx: tuple[float, ...],
     regions: list[Region],
@@ -173,17 +412,40 @@ def score_pair(
     detector: ChangeDetector | None = None,
 ) -> PairScores:
     """Score every region; `detector` is a fitted normative model, else one is fitted within the pair."""
-    maps = change_maps(baseline, followup, feature_distance(features_b, features_f), mask, spacing_zyx, settings.smoothing_mm)
-    X = region_features(maps, regions, mask, labels)
-    detector = detector or ChangeDetector(settings).fit(X)
+    X, names = pair_features(baseline, followup, features_b, features_f, mask, spacing_zyx, regions, labels, settings)
+    if detector is None:
+        detector = ChangeDetector(settings).fit(X, names)
+    elif getattr(detector, "feature_names_", ()) and tuple(detector.feature_names_) != names:
+        raise InputError(None, f"normative model was fitted on features {detector.feature_names_}, "
+                               f"this pipeline makes {names}: fit it with the same pipeline")
     scores = detector.score_samples(X)
     threshold = settings.threshold
-    voxel_map = np.zeros(mask.shape, np.float32)
-    flagged_mask = np.zeros(mask.shape, bool)
-    for region, score in zip(regions, scores):
-        s, members = region.slices(), region.members(mask, labels)
-        view = voxel_map[s]
-        view[members] = np.maximum(view[members], score)
-        if score > threshold:
-            flagged_mask[s] |= members
-    return PairScores(scores, X, voxel_map, flagged_mask, threshold)
+    voxel_map = region_max_map(regions, scores, mask, labels, fill=0.0)
+    flagged = scores > threshold
+    flagged_mask = region_max_map([r for r, f in zip(regions, flagged) if f], np.ones(int(flagged.sum())),
+                                  mask, labels, fill=0.0) > 0
+    return PairScores(scores, X, voxel_map, flagged_mask, threshold, names)
+
+
+def region_max_map(regions: list[Region], values: np.ndarray, mask: np.ndarray, labels: np.ndarray | None,
+                   fill: float = 0.0) -> np.ndarray:
+    """Per foreground voxel, the largest value of the regions that hold it (`fill` elsewhere)."""
+    out = np.full(mask.shape, -np.inf, np.float32)
+    if len(regions):
+        lo, hi = _boxes(regions)
+        edge = Counter(map(tuple, hi - lo)).most_common(1)[0][0]
+        regular = np.all(hi - lo == np.array(edge), axis=1) & np.array([r.value is None for r in regions])
+        if regular.any():
+            # each cube's value at its first corner; voxel v is in the cubes with corner in (v - edge, v]
+            corner = np.full(mask.shape, -np.inf, np.float32)
+            np.maximum.at(corner, tuple(lo[regular].T), np.asarray(values, np.float32)[regular])
+            origin = [(e - 1) - e // 2 for e in edge]  # scipy's window then spans [v - e + 1, v]
+            out = ndimage.maximum_filter(corner, size=edge, mode="constant", cval=-np.inf, origin=origin)
+        for i in np.flatnonzero(~regular):
+            s = regions[i].slices()
+            members = regions[i].members(mask, labels)
+            view = out[s]
+            view[members] = np.maximum(view[members], values[i])
+    out[~mask.astype(bool)] = -np.inf
+    out[~np.isfinite(out)] = fill
+    return out

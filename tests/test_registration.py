@@ -279,3 +279,17 @@ def test_bspline_stage_absorbs_scanner_distortion_on_the_hard_sample_study():
                               fixed, a_f, a_m)
     assert deformable.mean() < 0.8 * affine.mean(), (deformable.mean(), affine.mean())
     assert deformable.mean() < 0.4
+
+
+def test_result_worse_than_identity_is_flagged(mni2):
+    """A follow-up already aligned but carrying a big bright object (another field of view, a marker):
+    intensity moments put the centres apart, and an unoptimised moments start is worse than doing nothing."""
+    arr = sitk.GetArrayFromImage(mni2)
+    arr[5:40, 5:45, 5:45] = arr.max()
+    moving = sitk.GetImageFromArray(arr)
+    moving.CopyInformation(mni2)
+    r = register(_img(mni2, "a"), _img(moving, "b"), RegistrationSettings(init="moments", iterations=0))
+    assert r.qc.suspect
+    assert any("worse than identity" in reason for reason in r.qc.reasons), r.qc.reasons
+    ok = register(_img(mni2, "a"), _img(moving, "b"))  # the default tries identity too and optimises
+    assert ok.qc.metric <= ok.qc.identity_metric + 1e-3

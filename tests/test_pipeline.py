@@ -1,0 +1,63 @@
+"""Pipelines: every shipped file loads; a bad file gets an error naming the key and its line."""
+
+import pytest
+
+from longitudinal.errors import InputError
+from longitudinal.pipeline import available, load
+
+
+def test_shipped_pipelines_load_with_their_settings():
+    shipped = available()
+    assert {"brain-mri", "chest-ct", "generic-2d"} <= set(shipped)
+    brain = load("brain-mri")
+    assert brain.name == "brain-mri"
+    assert brain.registration.stages == ("rigid", "affine")
+    assert brain.preprocessing.n4 is True
+    assert load("chest-ct").preprocessing.harmonisation == "none"
+    assert load("generic-2d").regions.size_mm > 0
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    return path
+
+
+HEADER = 'name = "x"\nversion = "1"\n'
+
+
+def test_unknown_key_names_key_and_line(tmp_path):
+    path = _write(tmp_path, HEADER + "\n[regions]\nkind = 'grid'\nsize_mmm = 8\n")
+    with pytest.raises(InputError) as err:
+        load(path)
+    assert "line 6" in str(err.value) and "size_mmm" in str(err.value) and str(path) in str(err.value)
+
+
+def test_wrong_type_names_key_and_line(tmp_path):
+    path = _write(tmp_path, HEADER + "[scoring]\nnu = 'high'\n")
+    with pytest.raises(InputError, match=r"line 4: \[scoring\] nu: expected a number"):
+        load(path)
+
+
+def test_value_outside_choices_is_refused(tmp_path):
+    path = _write(tmp_path, HEADER + "[regions]\nkind = 'hexagons'\n")
+    with pytest.raises(InputError, match=r"line 4: \[regions\] kind: must be one of"):
+        load(path)
+
+
+def test_invalid_toml_and_unknown_table(tmp_path):
+    with pytest.raises(InputError, match="not valid TOML"):
+        load(_write(tmp_path, HEADER + "[scoring\n"))
+    with pytest.raises(InputError, match=r"line 3: unknown key 'scorng'"):
+        load(_write(tmp_path, HEADER + "[scorng]\nnu = 0.1\n"))
+
+
+def test_settings_rejected_by_a_stage_are_reported(tmp_path):
+    path = _write(tmp_path, HEADER + "[registration]\nstages = ['warp']\n")
+    with pytest.raises(InputError, match=r"\[registration\].*stages"):
+        load(path)
+
+
+def test_unknown_pipeline_name_lists_shipped():
+    with pytest.raises(InputError, match="brain-mri"):
+        load("no-such-pipeline")
