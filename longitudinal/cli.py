@@ -207,6 +207,8 @@ def _batch(args: argparse.Namespace) -> int:
     return EXIT_BUG if summary.failed else EXIT_OK  # 1: some pairs failed (listed in the summary)
 
 
+from . import evaluation as _evaluation  # noqa: E402  (light: heavy imports happen inside its functions)
+
 COMMANDS: dict[str, Command] = {
     "studies": Command("list the patients and visits found under a folder", _studies_arguments, _studies),
     "pipelines": Command("list the shipped pipelines, or show one's settings", _pipelines_arguments, _pipelines),
@@ -216,6 +218,10 @@ COMMANDS: dict[str, Command] = {
                        _compare),
     "batch": Command("compare every follow-up of every patient in a folder and write a summary", _batch_arguments,
                      _batch),
+    "evaluate": Command("score every follow-up against ground truth, with subtraction and a random encoder as "
+                        "baselines", _evaluation.evaluate_arguments, _evaluation.evaluate_command),
+    "fit-normative": Command("fit a normative model of unchanged anatomy on stable pairs",
+                             _evaluation.fit_normative_arguments, _evaluation.fit_normative_command),
 }
 
 

@@ -49,73 +49,119 @@ class Comparison:
     timings_s: dict[str, float]
 
 
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """A pair registered, masked, harmonised and divided into regions: what every scoring method shares
+    (the evaluation scores several methods on one registration)."""
+
+    baseline: Image
+    followup: Image
+    registration: Any
+    baseline_harmonised: Image
+    followup_harmonised: Image
+    mask: np.ndarray  # baseline grid, numpy order
+    regions: list
+    labels: np.ndarray | None
+    pipeline: Any
+    timings_s: dict[str, float]
+
+
+def prepare(baseline: Image, followup: Image, pipeline: Any = None) -> Prepared:
+    """Register, mask, harmonise, make regions."""
+    from .pipeline import for_image
+    from .preprocessing import foreground_mask, harmonise, mask_array
+    from .regions import make_regions
+    from .registration import register
+
+    pipeline = pipeline or for_image(baseline)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    registration = register(baseline, followup, pipeline.registration, pipeline.preprocessing)
+    timings["registration"] = round(time.perf_counter() - clock, 3)
+    clock = time.perf_counter()
+    mask_itk = foreground_mask(baseline, pipeline.preprocessing)
+    base_h, follow_h = harmonise(baseline, registration.registered, mask_itk, pipeline.preprocessing)
+    mask = mask_array(mask_itk)
+    timings["preprocessing"] = round(time.perf_counter() - clock, 3)
+    clock = time.perf_counter()
+    regions, labels = make_regions(baseline.itk, mask, pipeline.regions)
+    timings["regions"] = round(time.perf_counter() - clock, 3)
+    return Prepared(baseline, followup, registration, base_h, follow_h, mask, regions, labels, pipeline, timings)
+
+
 def compare(baseline: Image, followup: Image, pipeline: Any = None, detector: Any = None) -> Comparison:
     """Register, harmonise, encode, score: the follow-up against the baseline.
 
     `pipeline` is a `pipeline.Pipeline` (None: chosen from the images); `detector` a fitted normative
     `scoring.ChangeDetector` (None: the pipeline's normative model if it names one, else fitted within the pair).
     """
+    return score_prepared(prepare(baseline, followup, pipeline), detector)
+
+
+def encode_prepared(prepared: Prepared, encoder_settings: Any = None):
+    """Dense features of both harmonised visits (encoder settings default to the pipeline's)."""
     from .encoding import Encoder
-    from .pipeline import for_image
-    from .preprocessing import foreground_mask, harmonise, mask_array
-    from .regions import make_regions
-    from .registration import register
+
+    encoder = Encoder(encoder_settings or prepared.pipeline.encoding)
+    b_arr = prepared.baseline_harmonised.array.astype(np.float32)
+    f_arr = prepared.followup_harmonised.array.astype(np.float32)
+    features_b, features_f, _ = encoder.encode_pair(b_arr, f_arr, prepared.mask, rgb=prepared.baseline_harmonised.is_rgb)
+    return features_b, features_f, {k: ("" if v is None else str(v)) for k, v in encoder.describe().items()}
+
+
+def score_prepared(prepared: Prepared, detector: Any = None, encoder_settings: Any = None,
+                   scoring_settings: Any = None, features: tuple | None = None) -> Comparison:
+    """Encode (when the scoring uses encoder features) and score a prepared pair.
+
+    `encoder_settings` / `scoring_settings` override the pipeline's (the evaluation's baselines);
+    `features` = (features_b, features_f, encoder description) already computed for this pair."""
     from .scoring import ChangeDetector, score_pair
 
-    pipeline = pipeline or for_image(baseline)
-    timings: dict[str, float] = {}
+    pipeline = prepared.pipeline
+    scoring = scoring_settings or pipeline.scoring
+    baseline, followup, registration = prepared.baseline, prepared.followup, prepared.registration
+    mask, regions, labels = prepared.mask, prepared.regions, prepared.labels
+    timings = dict(prepared.timings_s)
     clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = round(now - clock, 3)
-        clock = now
-
-    registration = register(baseline, followup, pipeline.registration, pipeline.preprocessing)
-    lap("registration")
-    mask_itk = foreground_mask(baseline, pipeline.preprocessing)
-    base_h, follow_h = harmonise(baseline, registration.registered, mask_itk, pipeline.preprocessing)
-    mask = mask_array(mask_itk)
-    lap("preprocessing")
-    encoder = Encoder(pipeline.encoding)
-    b_arr, f_arr = base_h.array.astype(np.float32), follow_h.array.astype(np.float32)
-    features_b, features_f, _ = encoder.encode_pair(b_arr, f_arr, mask, rgb=base_h.is_rgb)
-    lap("encoding")
-    regions, labels = make_regions(baseline.itk, mask, pipeline.regions)
-    lap("regions")
-    if detector is None and pipeline.scoring.normative_model is not None:
-        detector = ChangeDetector.load(pipeline.scoring.normative_model)
+    features_b = features_f = None
+    encoder_info = {"name": "none"}
+    if "encoder" in scoring.maps:
+        features_b, features_f, encoder_info = features or encode_prepared(prepared, encoder_settings)
+    timings["encoding"] = round(time.perf_counter() - clock, 3)
+    clock = time.perf_counter()
+    if detector is None and scoring.normative_model is not None:
+        detector = ChangeDetector.load(scoring.normative_model)
+    b_arr = _gray(prepared.baseline_harmonised.array.astype(np.float32))
+    f_arr = _gray(prepared.followup_harmonised.array.astype(np.float32))
     spacing_zyx = tuple(reversed(baseline.spacing))
-    scores = score_pair(_gray(b_arr), _gray(f_arr), features_b, features_f, mask, spacing_zyx, regions, labels,
-                        pipeline.scoring, detector)
-    lap("scoring")
+    scores = score_pair(b_arr, f_arr, features_b, features_f, mask, spacing_zyx, regions, labels, scoring, detector)
+    timings["scoring"] = round(time.perf_counter() - clock, 3)
+    clock = time.perf_counter()
 
     change_map_baseline = _on_grid(scores.voxel_map, baseline)
     flagged_baseline = _on_grid(scores.flagged_mask.astype(np.uint8), baseline)
     change_map = registration.to_moving(change_map_baseline, followup, sitk.sitkLinear)
     flagged_mask = registration.to_moving(flagged_baseline, followup, sitk.sitkNearestNeighbor)
     flagged_mask = flagged_mask.with_itk(sitk.Cast(flagged_mask.itk, sitk.sitkUInt8))
-    lap("mapping")
+    timings["mapping"] = round(time.perf_counter() - clock, 3)
     scored = _scored_regions(regions, scores, mask, labels, baseline)
-    flagged = bool(scores.flagged_mask.any())
     return Comparison(
         baseline=baseline,
         followup=followup,
         registered=registration.registered,
-        baseline_harmonised=base_h,
-        followup_harmonised=follow_h,
+        baseline_harmonised=prepared.baseline_harmonised,
+        followup_harmonised=prepared.followup_harmonised,
         change_map_baseline=change_map_baseline,
         change_map=change_map,
         flagged_mask=flagged_mask,
         regions=scored,
         progression_score=float(scores.region_scores.max()) if len(regions) else 0.0,
-        progression=flagged,
+        progression=bool(scores.flagged_mask.any()),
         threshold=scores.threshold,
-        false_alarm_rate=pipeline.scoring.false_alarm_rate,
+        false_alarm_rate=scoring.false_alarm_rate,
         registration=registration,
         pipeline=pipeline,
-        encoder={k: ("" if v is None else str(v)) for k, v in encoder.describe().items()},
+        encoder=encoder_info,
         timings_s=timings,
     )
 
@@ -133,8 +179,6 @@ def _on_grid(array: np.ndarray, reference: Image) -> Image:
 def _scored_regions(regions, scores, mask, labels, reference: Image, context: int = 20) -> tuple[ScoredRegion, ...]:
     """Flagged changes merged into connected findings, then the highest-scoring unflagged regions for context."""
     from scipy import ndimage
-
-    from .scoring import FEATURE_NAMES
 
     out: list[ScoredRegion] = []
     voxel_mm3 = float(np.prod(reference.spacing))
@@ -156,7 +200,7 @@ def _scored_regions(regions, scores, mask, labels, reference: Image, context: in
             bbox=(tuple(int(b.start) for b in reversed(box)), tuple(int(b.stop) for b in reversed(box))),
             volume_mm3=round(len(where) * voxel_mm3, 2),
             score=round(float(scores.region_scores[best]), 3), flagged=True,
-            stats={name: round(float(v), 3) for name, v in zip(FEATURE_NAMES, scores.region_stats[best])},
+            stats={name: round(float(v), 3) for name, v in zip(scores.feature_names, scores.region_stats[best])},
         ))
     unflagged = [i for i in np.argsort(-scores.region_scores) if scores.region_scores[i] <= scores.threshold][:context]
     for i in unflagged:
@@ -164,6 +208,6 @@ def _scored_regions(regions, scores, mask, labels, reference: Image, context: in
         out.append(ScoredRegion(
             id=len(out) + 1, label=r.label, centre_mm=r.centre_mm, bbox=r.bbox, volume_mm3=r.volume_mm3,
             score=round(float(scores.region_scores[i]), 3), flagged=False,
-            stats={name: round(float(v), 3) for name, v in zip(FEATURE_NAMES, scores.region_stats[i])},
+            stats={name: round(float(v), 3) for name, v in zip(scores.feature_names, scores.region_stats[i])},
         ))
     return tuple(out)

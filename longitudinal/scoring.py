@@ -65,7 +65,8 @@ class ScoringSettings:
     bias_mm: float = 8.0  # smooth intensity ratios wider than this are bias field, not change
     misalignment_mm: float = 1.0  # residual misalignment/distortion tolerated at edges
     max_fit_regions: int = 3000  # regions subsampled to fit the detector (OCSVM is quadratic in them)
-    tail_fraction: float = 0.1  # upper fraction of null scores the generalized Pareto tail is fitted to
+    tail_fraction: float = 0.1  # upper fraction of null scores described by the generalized Pareto tail
+    trim_iterations: int = 3  # within a pair: refit the null without the regions touching what was flagged
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -271,6 +272,8 @@ class TailCalibration:
 
     @classmethod
     def fit(cls, null: np.ndarray, tail_fraction: float = 0.1) -> "TailCalibration":
+        """Empirical bulk; generalized Pareto (maximum likelihood, location 0) on the exceedances over the
+        (1 - tail_fraction) quantile."""
         null = np.sort(np.asarray(null, np.float64))
         if len(null) < 20:
             raise InputError(None, f"too few null regions ({len(null)}) to calibrate scores")
@@ -279,13 +282,14 @@ class TailCalibration:
         tail_prob = len(excess) / len(null)
         shape, scale = 0.0, float(excess.mean()) if len(excess) else 1.0
         if len(excess) >= 30:
-            try:
-                c, _, s = genpareto.fit(excess, floc=0.0)
-                if c >= 0 and np.isfinite(s) and s > 0:
-                    shape, scale = float(c), float(s)
-            except (RuntimeError, ValueError):  # keep the exponential tail
-                pass
-        return cls(null, u, tail_prob, shape, max(scale, 1e-12))
+            with np.errstate(all="ignore"):
+                try:
+                    c, _, sc = genpareto.fit(excess, floc=0.0)
+                except (RuntimeError, ValueError):
+                    c, sc = 0.0, scale
+            if c > 0 and np.isfinite(sc) and sc > 0:
+                shape, scale = float(c), float(sc)
+        return cls(null, u, max(tail_prob, 1.0 / len(null)), shape, max(scale, 1e-12))
 
     def pvalue(self, raw: np.ndarray) -> np.ndarray:
         raw = np.asarray(raw, np.float64)
@@ -413,18 +417,48 @@ def score_pair(
 ) -> PairScores:
     """Score every region; `detector` is a fitted normative model, else one is fitted within the pair."""
     X, names = pair_features(baseline, followup, features_b, features_f, mask, spacing_zyx, regions, labels, settings)
-    if detector is None:
+    within_pair = detector is None
+    if within_pair:
         detector = ChangeDetector(settings).fit(X, names)
     elif getattr(detector, "feature_names_", ()) and tuple(detector.feature_names_) != names:
         raise InputError(None, f"normative model was fitted on features {detector.feature_names_}, "
                                f"this pipeline makes {names}: fit it with the same pipeline")
-    scores = detector.score_samples(X)
     threshold = settings.threshold
+    if within_pair:
+        scores = _trimmed_scores(detector, X, regions, mask, labels, settings)
+    else:
+        scores = detector.score_samples(X)
     voxel_map = region_max_map(regions, scores, mask, labels, fill=0.0)
     flagged = scores > threshold
     flagged_mask = region_max_map([r for r, f in zip(regions, flagged) if f], np.ones(int(flagged.sum())),
                                   mask, labels, fill=0.0) > 0
     return PairScores(scores, X, voxel_map, flagged_mask, threshold, names)
+
+
+def _trimmed_scores(detector: ChangeDetector, X, regions, mask, labels, settings: ScoringSettings) -> np.ndarray:
+    """Scores against the pair's own null, refitted without the regions that touch flagged voxels.
+
+    A large change spans hundreds of overlapping regions: left in the null, it fattens the very tail it must
+    stand out from (and calibrates itself away). Each round removes every region overlapping the flagged voxels
+    from the calibration sample; unchanged pairs lose few regions, so their false-alarm rate barely moves."""
+    raw = detector.raw(X)
+    null = np.ones(len(X), bool)
+    cal = detector.calibration_
+    for _ in range(settings.trim_iterations):
+        flagged = cal.score(raw) > settings.threshold
+        if not flagged.any():
+            break
+        hit = region_max_map([r for r, f in zip(regions, flagged) if f], np.ones(int(flagged.sum())), mask, labels) > 0
+        if all(r.value is None for r in regions):
+            lo, hi = _boxes(regions)
+            touching = _box_sum(_integral(hit), lo, hi) > 0
+        else:
+            touching = np.array([hit[r.slices()][r.members(mask, labels)].any() for r in regions])
+        if not (null & ~touching).sum() > 0.5 * len(X) or np.array_equal(null, ~touching):
+            break
+        null = ~touching
+        cal = TailCalibration.fit(raw[null], settings.tail_fraction)
+    return cal.score(raw)
 
 
 def region_max_map(regions: list[Region], values: np.ndarray, mask: np.ndarray, labels: np.ndarray | None,

@@ -1,0 +1,129 @@
+"""Scoring: vectorised region statistics, detector round trip, calibration on null data, a synthetic lesion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from longitudinal.errors import InputError
+from longitudinal.regions import RegionSettings, grid_regions
+from longitudinal.scoring import (ChangeDetector, ScoringSettings, TailCalibration, region_features,
+                                  region_max_map, score_pair)
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_studies"
+
+
+def _grid(shape, mask, size_mm=4.0, spacing=(1.0, 1.0, 1.0)):
+    ref = sitk.Image(list(reversed(shape)), sitk.sitkFloat32)
+    ref.SetSpacing(spacing)
+    return grid_regions(ref, mask, RegionSettings(size_mm=size_mm, overlap=0.5, min_mask_fraction=0.2))
+
+
+def test_region_features_match_a_plain_loop():
+    rng = np.random.default_rng(0)
+    shape = (13, 17, 11)  # not multiples of the cube edge: some cubes are cut by the image edge
+    mask = np.zeros(shape, bool)
+    mask[1:12, 2:16, 1:10] = True
+    mask[5:8, 5:9, 3:6] = False
+    maps = {"a": rng.normal(size=shape).astype(np.float32), "b": rng.gamma(2, size=shape).astype(np.float32)}
+    regions = _grid(shape, mask)
+    X = region_features(maps, regions, mask, None)
+    for i, r in enumerate(regions):
+        members = r.members(mask)
+        for j, values in enumerate(maps.values()):
+            v = values[r.slices()][members]
+            assert X[i, 2 * j] == pytest.approx(v.mean(), abs=1e-4)
+            assert X[i, 2 * j + 1] == pytest.approx(v.max(), abs=1e-6)
+
+
+def test_region_max_map_matches_a_plain_loop():
+    rng = np.random.default_rng(1)
+    shape = (12, 14, 10)
+    mask = np.ones(shape, bool)
+    mask[:, :, :2] = False
+    regions = _grid(shape, mask)
+    values = rng.normal(size=len(regions))
+    expected = np.full(shape, -np.inf)
+    for r, v in zip(regions, values):
+        view = expected[r.slices()]
+        view[r.members(mask)] = np.maximum(view[r.members(mask)], v)
+    expected[~np.isfinite(expected)] = 0.0
+    np.testing.assert_allclose(region_max_map(regions, values, mask, None), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.001])
+def test_tail_calibration_false_alarm_rate_on_null_data(rate):
+    rng = np.random.default_rng(2)
+    for sample in (rng.gamma(2.0, size=(2, 200_000)), np.abs(rng.standard_t(4, size=(2, 200_000)))):
+        cal = TailCalibration.fit(sample[0])
+        flagged = np.mean(cal.score(sample[1]) > -np.log10(rate))  # fresh null data
+        assert rate / 2 < flagged < rate * 2, (rate, flagged)
+
+
+def test_tail_calibration_scores_grow_beyond_the_null():
+    cal = TailCalibration.fit(np.random.default_rng(3).exponential(size=5000))
+    s = cal.score(np.array([1.0, 5.0, 10.0, 50.0, 500.0]))
+    assert np.all(np.diff(s) > 0) and np.all(np.isfinite(s))
+
+
+@pytest.mark.parametrize("detector", ["ocsvm", "iforest"])
+def test_detector_round_trip(tmp_path, detector):
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(800, 4))
+    det = ChangeDetector(ScoringSettings(detector=detector, max_fit_regions=300)).fit(X, ("a", "b", "c", "d"))
+    Y = np.vstack([rng.normal(size=(50, 4)), rng.normal(6.0, 1.0, size=(5, 4))])
+    path = tmp_path / "model.pkl"
+    det.save(path)
+    loaded = ChangeDetector.load(path)
+    np.testing.assert_array_equal(det.score_samples(Y), loaded.score_samples(Y))
+    assert loaded.feature_names_ == ("a", "b", "c", "d") and loaded.settings == det.settings
+    assert det.score_samples(Y)[50:].min() > np.percentile(det.score_samples(Y)[:50], 90)
+
+
+def test_detector_load_rejects_other_files(tmp_path):
+    bad = tmp_path / "model.pkl"
+    bad.write_bytes(b"not a pickle")
+    with pytest.raises(InputError, match="model.pkl"):
+        ChangeDetector.load(bad)
+
+
+def _sample_pair(lesion: bool, seed: int):
+    """A real brain crop (sample study baseline) and a follow-up with new noise, gain and a smooth bias."""
+    image = sitk.ReadImage(str(SAMPLES / "easy/sub-03/ses-01/anat/sub-03_ses-01_T1w.nii.gz"), sitk.sitkFloat32)
+    b = sitk.GetArrayFromImage(image)
+    c = np.array(b.shape) // 2
+    b = b[c[0] - 32:c[0] + 32, c[1] - 40:c[1] + 40, c[2] - 32:c[2] + 32]
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in b.shape], indexing="ij")
+    f = b * 1.05 * (1 + 0.05 * x) + rng.normal(0, 1.5, b.shape)
+    b = b + rng.normal(0, 1.5, b.shape)
+    truth = np.zeros(b.shape, bool)
+    if lesion:
+        truth = (z * 32) ** 2 + (y * 40 - 5) ** 2 + (x * 32 + 6) ** 2 <= 3.5 ** 2  # 7 mm sphere
+        f = np.where(truth, f * 0.6, f)
+    mask = ndimage.binary_fill_holes(ndimage.gaussian_filter(b, 1) > 20)
+    return b.astype(np.float32), f.astype(np.float32), mask, truth
+
+
+def test_score_pair_flags_a_synthetic_lesion_and_little_else():
+    b, f, mask, truth = _sample_pair(True, 5)
+    regions = _grid(b.shape, mask, size_mm=8.0)
+    s = ScoringSettings(maps=("intensity",), false_alarm_rate=1e-3)
+    scores = score_pair(b, f, None, None, mask, (1.0, 1.0, 1.0), regions, None, s)
+    assert scores.flagged_mask[truth].any()
+    comps, n = ndimage.label(scores.flagged_mask)
+    assert sum(1 for k in range(1, n + 1) if not truth[comps == k].any()) <= 1
+    assert scores.voxel_map[truth].max() == pytest.approx(scores.region_scores.max())
+
+
+def test_null_pair_flags_about_the_false_alarm_rate():
+    b, f, mask, _ = _sample_pair(False, 6)
+    regions = _grid(b.shape, mask, size_mm=8.0)
+    s = ScoringSettings(maps=("intensity", "subtraction"), false_alarm_rate=0.01)
+    scores = score_pair(b, f, None, None, mask, (1.0, 1.0, 1.0), regions, None, s)
+    frac = float(np.mean(scores.region_scores > scores.threshold))
+    assert 0.002 < frac < 0.03, frac
