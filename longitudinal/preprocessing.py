@@ -38,6 +38,7 @@ class PreprocessingSettings:
     histogram_levels: int = 256
     histogram_match_points: int = 32
     ct_window: tuple[float, float] = (-160.0, 240.0)  # HU; soft tissue (level 40, width 400)
+    ct: bool | None = None  # CT handling (window, no matching); None: when either image's modality is CT
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "n4_iterations", tuple(int(i) for i in self.n4_iterations))
@@ -257,7 +258,8 @@ def harmonise(
     if not mask_array(mask).any():
         raise InputError(_name(baseline), "foreground mask is empty: cannot harmonise intensities")
 
-    if _is_ct(baseline) or _is_ct(registered_followup):
+    is_ct = settings.ct if settings.ct is not None else (_is_ct(baseline) or _is_ct(registered_followup))
+    if is_ct:
         w = settings.ct_window
         return (
             baseline.with_itk(_ct_window(b, w)),

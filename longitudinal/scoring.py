@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 MAP_KINDS = ("intensity", "subtraction", "encoder")
 MAX_SCORE = 300.0  # -log10 of the smallest p-value reported
+MAX_SHAPE = 0.5  # generalized Pareto shape cap: heavier fitted tails come from a handful of extreme regions
 
 
 @dataclass(frozen=True)
@@ -288,7 +289,7 @@ class TailCalibration:
                 except (RuntimeError, ValueError):
                     c, sc = 0.0, scale
             if c > 0 and np.isfinite(sc) and sc > 0:
-                shape, scale = float(c), float(sc)
+                shape, scale = min(float(c), MAX_SHAPE), float(sc)
         return cls(null, u, max(tail_prob, 1.0 / len(null)), shape, max(scale, 1e-12))
 
     def pvalue(self, raw: np.ndarray) -> np.ndarray:
@@ -347,10 +348,12 @@ class ChangeDetector:
         Isolation Forest: its negated decision function."""
         Z = self._scaled(X)
         if not isinstance(self.model_, OneClassSVM):
-            return -self.model_.decision_function(Z)
-        sv, alpha = self.model_.support_vectors_, self.model_.dual_coef_[0]
-        d2 = euclidean_distances(Z, sv, squared=True)
-        return -logsumexp(np.log(np.maximum(alpha, 1e-300))[None, :] - self.model_._gamma * d2, axis=1)
+            value = -self.model_.decision_function(Z)
+        else:
+            sv, alpha = self.model_.support_vectors_, self.model_.dual_coef_[0]
+            d2 = euclidean_distances(Z, sv, squared=True)
+            value = -logsumexp(np.log(np.maximum(alpha, 1e-300))[None, :] - self.model_._gamma * d2, axis=1)
+        return value
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
         return self.calibration_.score(self.raw(X))

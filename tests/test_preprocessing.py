@@ -134,6 +134,12 @@ def test_ct_keeps_hounsfield_units_and_uses_the_window():
     expected = (np.clip(hu, -100, 300) + 100) / 400
     np.testing.assert_allclose(hb.array, expected, atol=1e-6)
     np.testing.assert_allclose(hf.array, (np.clip(hu + 10, -100, 300) + 100) / 400, atol=1e-6)
+    # NIfTI CT carries no modality: the pipeline can say so
+    plain = Image(img), Image(sitk.GetImageFromArray((hu + 10).astype(np.float32)))
+    hb2, _ = harmonise(*plain, None, PreprocessingSettings(ct_window=(-100.0, 300.0), ct=True))
+    np.testing.assert_allclose(hb2.array, expected, atol=1e-6)
+    hb3, _ = harmonise(*plain, None, PreprocessingSettings(harmonisation="none"))
+    np.testing.assert_allclose(hb3.array, hu, atol=1e-3)  # not CT: HU left alone
 
 
 def test_rgb_photos_are_matched_per_channel():
