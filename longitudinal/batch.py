@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from . import __version__, report
 from .errors import InputError
+from .io import atomic_write_text
 from .timeline import Pair, Patient, TimelineSettings, discover, pairs
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def _deid_key(out_dir: Path) -> bytes:
     if path.is_file():
         return bytes.fromhex(path.read_text().strip())
     key = os.urandom(32)
-    report.atomic_write_text(path, key.hex() + "\n", mode=0o600)  # readable by its owner only
+    atomic_write_text(path, key.hex() + "\n", mode=0o600)  # readable by its owner only
     return key
 
 
@@ -351,8 +352,8 @@ def run_batch(
 
     ordered = tuple(results[t.index] for t in tasks)
     ordered = tuple(results[t.index] for t in tasks)
-    summary_csv = report.atomic_write_text(out / SUMMARY_CSV, _summary_csv(ordered))
-    summary_html = report.atomic_write_text(
+    summary_csv = atomic_write_text(out / SUMMARY_CSV, _summary_csv(ordered))
+    summary_html = atomic_write_text(
         out / SUMMARY_HTML, _summary_html(ordered, visits_of, against, deidentify, tasks))
     summary = BatchSummary(out, ordered, summary_csv, summary_html)
     log.info("batch done: %d ok, %d skipped, %d failed", summary.ok, summary.skipped, summary.failed)

@@ -30,6 +30,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -804,33 +805,55 @@ def _info_from_series(path: Path, info: SeriesInfo) -> ImageInfo:
                      study_time=info.study_time, series_uid=info.uid, description=info.description)
 
 
-def _atomic_target(path: Path) -> Path:
-    """A temporary name in the destination folder that keeps the extension SimpleITK keys on."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + path.name, dir=path.parent)
+def _default_mode() -> int:
+    """0o666 minus the process umask: what open() would have given (mkstemp files are 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: int | None = None) -> Path:
+    """Write through a temp file in the same folder, then rename: a reader never sees half a file.
+
+    The temp name keeps the suffix because ITK picks its writer by it. mode: file permissions; default as a
+    plain open() would create them.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
-    return Path(tmp)
+    try:
+        write(tmp)
+        os.chmod(tmp, _default_mode() if mode is None else mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = None) -> Path:
+    return atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"), mode)
 
 
 def save_image(image: Image, path: str | os.PathLike) -> Path:
-    """Write `image` (NIfTI, NRRD, MHA, PNG/JPEG...) atomically: a reader never sees half a file."""
+    """Write `image` (NIfTI, NRRD, MHA, PNG/JPEG...) atomically."""
     path = Path(path)
     ext = _ext(path)
     if ext not in NIFTI_EXTS + PICTURE_EXTS + ITK_EXTS:
         raise ValueError(f"{path}: cannot write '{ext}' files; use .nii.gz, .nrrd, .mha or .png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_target(path)
-    try:
+
+    def write(tmp: str) -> None:
         try:
-            sitk.WriteImage(image.itk, str(tmp), useCompression=ext in (".nrrd", ".mha"))
+            sitk.WriteImage(image.itk, tmp, useCompression=ext in (".nrrd", ".mha"))
         except RuntimeError as exc:
             reason = (str(exc).strip().splitlines() or [""])[-1]
             raise ValueError(f"{path}: SimpleITK cannot write this {image.itk.GetPixelIDTypeAsString()} "
                              f"image as '{ext}': {reason[:200]}") from exc
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    return atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------- DICOM export
@@ -920,16 +943,5 @@ def write_dicom_series(
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleSlope, ds.RescaleIntercept = f"{slope:g}", f"{intercept:g}"
         ds.PixelData = raw[k].tobytes()
-        target = folder / names[k]
-        tmp = _atomic_target(target)
-        try:
-            try:
-                ds.save_as(tmp, enforce_file_format=True)
-            except TypeError:  # pydicom < 3
-                ds.save_as(tmp, write_like_original=False)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        written.append(target)
+        written.append(atomic_write(folder / names[k], lambda tmp: ds.save_as(tmp, enforce_file_format=True)))
     return sorted(written)

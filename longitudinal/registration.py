@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .io import Image
+from .io import Image, atomic_write, atomic_write_text
 from .preprocessing import PreprocessingSettings, foreground_mask, luminance
 
 log = logging.getLogger(__name__)
@@ -121,20 +120,6 @@ class RegistrationQC:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temp file in the same folder (keeping the suffix, ITK picks its writer by it), then rename."""
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 @dataclass(frozen=True)
 class Registration:
     """Result of `register`: the transform (fixed -> moving points), the resampled follow-up and its QC."""
@@ -172,14 +157,9 @@ class Registration:
         """Write registered.nii.gz, transform.tfm and qc.json into folder, each atomically."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(folder / "registered.nii.gz", lambda p: sitk.WriteImage(self.registered.itk, p, True))
-        _atomic_write(folder / "transform.tfm", lambda p: sitk.WriteTransform(self.transform, p))
-        text = json.dumps(self.qc.to_dict(), indent=2)
-
-        def write_json(p: str) -> None:
-            Path(p).write_text(text + "\n", encoding="utf-8")
-
-        _atomic_write(folder / "qc.json", write_json)
+        atomic_write(folder / "registered.nii.gz", lambda p: sitk.WriteImage(self.registered.itk, p, True))
+        atomic_write(folder / "transform.tfm", lambda p: sitk.WriteTransform(self.transform, p))
+        atomic_write_text(folder / "qc.json", json.dumps(self.qc.to_dict(), indent=2) + "\n")
         return folder
 
 

@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ import SimpleITK as sitk
 
 from . import __version__
 from .compare import Comparison, ScoredRegion
-from .io import Image
+from .io import Image, atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -81,35 +80,6 @@ class ReportSettings:
 
 
 # --------------------------------------------------------------------------- atomic writing
-
-
-def _default_mode() -> int:
-    """0o666 minus the process umask: what open() would have given (mkstemp files are 0o600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write(path: Path, write: Callable[[str], None], mode: int | None = None) -> Path:
-    """Write through a temp file in the same folder (keeping the suffix: ITK picks its writer by it), then rename.
-    mode: file permissions; default as a plain open() would create them."""
-    path = Path(path)
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _default_mode() if mode is None else mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: Path, text: str, mode: int | None = None) -> Path:
-    return atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"), mode)
 
 
 def _clean_itk(itk: sitk.Image) -> sitk.Image:
@@ -1102,10 +1072,6 @@ def write_outputs(
     atomic_write_text(out / OUTPUT_FILES["result"], text)
 
     paths = {key: out / name for key, name in OUTPUT_FILES.items()}
-    mode = _default_mode()
-    for path in [*paths.values(), out / "qc.json"]:  # other stages' atomic writers leave mkstemp's private 0o600
-        if path.is_file() and path.stat().st_mode & 0o777 != mode:
-            os.chmod(path, mode)
     files = {name: (out / name).stat().st_size for name in OUTPUT_FILES.values()}
     record = {"files": files, "stamp": jsonable(dict(stamp)) if stamp is not None else None,
               "longitudinal_version": __version__, "deidentified": deidentify}

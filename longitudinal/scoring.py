@@ -67,7 +67,8 @@ class ScoringSettings:
     misalignment_mm: float = 1.0  # residual misalignment/distortion tolerated at edges
     max_fit_regions: int = 3000  # regions subsampled to fit the detector (OCSVM is quadratic in them)
     tail_fraction: float = 0.1  # upper fraction of null scores described by the generalized Pareto tail
-    trim_iterations: int = 3  # within a pair: refit the null without the regions touching what was flagged
+    trim_iterations: int = 3  # within a pair: refit the null without the regions touching suspect ones
+    trim_level: float = 3.0  # -log10 p above which a region is suspect (not null) when the null is refitted
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -448,7 +449,7 @@ def _trimmed_scores(detector: ChangeDetector, X, regions, mask, labels, settings
     null = np.ones(len(X), bool)
     cal = detector.calibration_
     for _ in range(settings.trim_iterations):
-        flagged = cal.score(raw) > settings.threshold
+        flagged = cal.score(raw) > min(settings.threshold, settings.trim_level)
         if not flagged.any():
             break
         hit = region_max_map([r for r, f in zip(regions, flagged) if f], np.ones(int(flagged.sum())), mask, labels) > 0
