@@ -283,9 +283,16 @@ def test_constant_and_nan_volumes_are_refused(tmp_path, series_writer):
         load_image(tmp_path / "flat")
     vol = smooth_volume((3, 4, 4)).astype(np.float32)
     vol[1, 2, 3] = np.nan
-    # .mha: SimpleITK's NIfTI reader turns NaN into 0 before we can see it.
     with pytest.raises(InputError, match="1 NaN"):
         load_image(write_nifti(tmp_path / "nan.mha", vol))
+    # SimpleITK's NIfTI reader turns NaN into 0; the loader must still see it, written by nibabel too.
+    for name in ("nan.nii", "nan.nii.gz"):
+        with pytest.raises(InputError, match="nan.nii.*1 NaN"):
+            load_image(write_nifti(tmp_path / name, vol))
+    vol[0, 0, 0] = np.inf
+    nib.save(nib.Nifti1Image(vol.astype(np.float64), np.eye(4)), tmp_path / "inf.nii.gz")
+    with pytest.raises(InputError, match="2 NaN or infinite"):
+        load_image(tmp_path / "inf.nii.gz")
 
 
 # ----------------------------------------------------------------------------- NIfTI, pictures, saving
