@@ -307,7 +307,8 @@ def run_batch(
         pipeline = load(pipeline)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    patients = discover(studies_dir, timeline)
+    found = discover(studies_dir, timeline, strict=False)
+    patients = [p for p in found if p.problem is None]
     key = _deid_key(out) if deidentify else None
     pipe_hash = pipeline_hash(pipeline) + ":" + hashlib.sha256(repr(report_settings).encode()).hexdigest()[:16]
 
@@ -350,8 +351,9 @@ def run_batch(
         stack.callback(bar.close)
         _run_all(todo, jobs, results, bar, failures)
 
-    ordered = tuple(results[t.index] for t in tasks)
-    ordered = tuple(results[t.index] for t in tasks)
+    unreadable = tuple(_unreadable(p, len(tasks) + i + 1, key if deidentify else None)
+                       for i, p in enumerate(q for q in found if q.problem is not None))
+    ordered = tuple(results[t.index] for t in tasks) + unreadable
     summary_csv = atomic_write_text(out / SUMMARY_CSV, _summary_csv(ordered))
     summary_html = atomic_write_text(
         out / SUMMARY_HTML, _summary_html(ordered, visits_of, against, deidentify, tasks))
@@ -378,6 +380,14 @@ def _run_all(todo: list[_Task], jobs: int, results: dict[int, PairResult], bar, 
             except Exception as exc:  # e.g. an unpicklable result
                 results[task.index] = _crashed(task, _error_text(exc, task))
             _tick(bar, results[task.index], failures)
+
+
+def _unreadable(patient: Patient, index: int, key: bytes | None) -> PairResult:
+    """A summary row for a patient whose visits could not be read: listed as failed, the batch goes on."""
+    name = report.pseudonym(patient.id, key) if key is not None else patient.id
+    error = report.scrub(patient.problem or "", list(_secrets(patient)), name) if key is not None else patient.problem
+    return PairResult(index=index, patient=name, baseline="-", followup="-", baseline_date=None, followup_date=None,
+                      interval_days=None, status="failed", folder="", error=error)
 
 
 def _crashed(task: _Task, message: str) -> PairResult:

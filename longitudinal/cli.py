@@ -65,14 +65,19 @@ def _studies(args: argparse.Namespace) -> int:
     from .timeline import TimelineSettings, discover
 
     settings = TimelineSettings(layout=args.layout, series_description=args.series_description)
-    patients = discover(args.dir, settings, allow_mixed_patients=args.allow_mixed_patients)
+    found = discover(args.dir, settings, allow_mixed_patients=args.allow_mixed_patients, strict=False)
+    patients = [p for p in found if p.problem is None]
+    problems = [p.problem for p in found if p.problem is not None]
+    for problem in problems:  # every unusable patient named, the others still listed
+        print(f"longitudinal: error: {problem}", file=sys.stderr)
+    status = EXIT_BAD_INPUT if problems else EXIT_OK
     if args.json:
         doc = [{"id": p.id, "visits": [{
             "id": v.id, "date": v.date.isoformat() if v.date else None, "modality": v.modality,
             "size": list(v.size), "spacing": list(v.spacing), "path": str(v.path), "kind": v.kind,
             "series_uid": v.series_uid} for v in p.visits]} for p in patients]
         print(json.dumps(doc, indent=2))
-        return EXIT_OK
+        return status
     header = ("patient", "visit", "date", "modality", "size", "spacing (mm)", "path")
     rows = [(p.id, v.id, v.date.isoformat() if v.date else "-", v.modality or "-", _fmt_size(v.size),
              _fmt_spacing(v.spacing), _shown_path(v.path, args.dir)) for p in patients for v in p.visits]
@@ -80,8 +85,9 @@ def _studies(args: argparse.Namespace) -> int:
     for r in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     n_visits = sum(len(p.visits) for p in patients)
-    print(f"{len(patients)} patient(s), {n_visits} visit(s)", file=sys.stderr)
-    return EXIT_OK
+    unusable = f", {len(problems)} unusable patient(s) (errors above)" if problems else ""
+    print(f"{len(patients)} patient(s), {n_visits} visit(s){unusable}", file=sys.stderr)
+    return status
 
 
 # ----------------------------------------------------------------------------- compare and batch

@@ -88,6 +88,7 @@ class Visit:
 class Patient:
     id: str
     visits: tuple[Visit, ...]  # in time order; visits[0] is the baseline
+    problem: str | None = None  # why this patient's visits could not be used (discover(strict=False))
 
     @property
     def baseline(self) -> Visit:
@@ -273,7 +274,7 @@ def _bids_modality(image: Path) -> str:
     return value if isinstance(value, str) and value else "MR"
 
 
-def _bids(root: Path, settings: TimelineSettings) -> list[tuple[Path, str, list[Visit]]]:
+def _bids(root: Path, settings: TimelineSettings) -> list[tuple[Path, str, list[Visit] | InputError]]:
     out = []
     for subject in _children(root):
         if not (subject.is_dir() and subject.name.startswith("sub-")):
@@ -282,22 +283,34 @@ def _bids(root: Path, settings: TimelineSettings) -> list[tuple[Path, str, list[
         if not sessions:
             log.warning("a BIDS subject folder has no ses-* folders; skipped (one visit cannot be compared)")
             continue
-        dates = _bids_session_dates(subject)
-        visits = []
-        for ses in sessions:
-            anat = ses / "anat"
-            if not anat.is_dir():
-                raise InputError(ses, "BIDS session without an anat/ folder")
-            files = [p for p in _children(anat) if p.is_file() and _ext(p) in NIFTI_EXTS]
-            if not files:
-                raise InputError(anat, "no NIfTI image in this BIDS anat folder")
-            image = _pick_file(files, settings, anat)
-            info = describe(image)
-            date, time = dates.get(ses.name, (None, None))
-            visit = _visit_from_info(ses.name, date or _date_in(ses.name[4:]), subject.name, info)
-            visits.append(dataclasses.replace(visit, time=time or visit.time, modality=_bids_modality(image)))
-        out.append((subject, subject.name, visits))
+        out.append((subject, subject.name, _collect(_bids_subject, subject, sessions, settings)))
     return out
+
+
+def _collect(read, *args) -> list[Visit] | InputError:
+    """One patient's visits, or the error that stopped reading them (so other patients can go on)."""
+    try:
+        return read(*args)
+    except InputError as exc:
+        return exc
+
+
+def _bids_subject(subject: Path, sessions: list[Path], settings: TimelineSettings) -> list[Visit]:
+    dates = _bids_session_dates(subject)
+    visits = []
+    for ses in sessions:
+        anat = ses / "anat"
+        if not anat.is_dir():
+            raise InputError(ses, "BIDS session without an anat/ folder")
+        files = [p for p in _children(anat) if p.is_file() and _ext(p) in NIFTI_EXTS]
+        if not files:
+            raise InputError(anat, "no NIfTI image in this BIDS anat folder")
+        image = _pick_file(files, settings, anat)
+        info = describe(image)
+        date, time = dates.get(ses.name, (None, None))
+        visit = _visit_from_info(ses.name, date or _date_in(ses.name[4:]), subject.name, info)
+        visits.append(dataclasses.replace(visit, time=time or visit.time, modality=_bids_modality(image)))
+    return visits
 
 
 def _plain_patient(folder: Path, pid: str, settings: TimelineSettings) -> list[Visit]:
@@ -328,13 +341,13 @@ def _has_picture_or_nifti(folder: Path, depth: int) -> bool:
     return False
 
 
-def _plain(root: Path, settings: TimelineSettings) -> list[tuple[Path, str, list[Visit]]]:
+def _plain(root: Path, settings: TimelineSettings) -> list[tuple[Path, str, list[Visit] | InputError]]:
     if _is_plain_patient(root) and not any(_is_plain_patient(c) for c in _children(root) if c.is_dir()):
-        return [(root, root.name, _plain_patient(root, root.name, settings))]
-    return [(p, p.name, _plain_patient(p, p.name, settings)) for p in _children(root) if p.is_dir()]
+        return [(root, root.name, _collect(_plain_patient, root, root.name, settings))]
+    return [(p, p.name, _collect(_plain_patient, p, p.name, settings)) for p in _children(root) if p.is_dir()]
 
 
-def _dicom_tree(root: Path, settings: TimelineSettings) -> list[tuple[Path, str, list[Visit]]]:
+def _dicom_tree(root: Path, settings: TimelineSettings) -> list[tuple[Path, str, list[Visit] | InputError]]:
     series, _ = _scan(root)
     series = [s for s in series if not any(_hidden_or_ignored(Path(part))
                                            for part in s.folder.relative_to(root).parts)]
@@ -348,15 +361,15 @@ def _dicom_tree(root: Path, settings: TimelineSettings) -> list[tuple[Path, str,
         if not _parse_date(s.study_date):
             raise InputError(s.files[0], "DICOM series without a valid StudyDate; cannot place it in time")
         by_patient.setdefault(s.patient_id, {}).setdefault(s.study_date, []).append(s)
-    out = []
-    for pid, days in by_patient.items():
+    def patient_visits(pid: str, days: dict[str, list[SeriesInfo]]) -> list[Visit]:
         visits = []
         for day, group in days.items():
             where = Path(os.path.commonpath([str(s.folder) for s in group]))
             chosen = _choose_series(group, settings, where)
             visits.append(_visit_from_series(day, _parse_date(day), pid, chosen))
-        out.append((root, pid, visits))
-    return out
+        return visits
+
+    return [(root, pid, _collect(patient_visits, pid, days)) for pid, days in by_patient.items()]
 
 
 def _detect(root: Path) -> str:
@@ -369,8 +382,13 @@ def _detect(root: Path) -> str:
 
 
 def discover(root: str | os.PathLike, settings: TimelineSettings = TimelineSettings(), *,
-             allow_mixed_patients: bool = False) -> list[Patient]:
-    """Patients under `root` with their visits in time order (headers only, no voxels read)."""
+             allow_mixed_patients: bool = False, strict: bool = True) -> list[Patient]:
+    """Patients under `root` with their visits in time order (headers only, no voxels read).
+
+    strict=False keeps going past a patient whose visits cannot be used (unreadable file, PatientID
+    mismatch, ...): that patient comes back with no visits and `problem` set, so a batch can list it as
+    failed and compare everyone else.
+    """
     root = Path(root)
     if not root.exists():
         raise InputError(root, "no such folder")
@@ -381,11 +399,19 @@ def discover(root: str | os.PathLike, settings: TimelineSettings = TimelineSetti
     log.info("%s: %s layout, %d patient(s)", root, layout, len(found))
     patients = []
     for where, pid, visits in found:
-        if not visits:
+        try:
+            if isinstance(visits, InputError):
+                raise visits
+            if not visits:
+                continue
+            ordered = _order(visits, where)
+            if not allow_mixed_patients:
+                _check_same_patient(ordered)
+        except InputError as exc:
+            if strict:
+                raise
+            patients.append(Patient(pid, (), problem=str(exc)))
             continue
-        ordered = _order(visits, where)
-        if not allow_mixed_patients:
-            _check_same_patient(ordered)
         kinds = {(v.modality, len(v.size)) for v in ordered}
         if len(kinds) > 1:
             log.warning("%s: a patient's visits mix modalities or dimensions (%s); comparisons across them "

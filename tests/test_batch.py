@@ -87,6 +87,19 @@ def test_batch_reports_every_pair_lists_the_failure_and_keeps_going(studies, tmp
     assert "comparing" not in capsys.readouterr().err  # no progress bar when stderr is not a terminal
 
 
+def test_a_patient_whose_headers_cannot_be_read_is_listed_and_the_rest_compared(studies, tmp_path):
+    (studies / IDS[1] / "visit1.nii.gz").write_bytes(b"not an image at all")
+    out = tmp_path / "out"
+    s = batch.run_batch(studies, out, pipeline=TEST_PIPELINE, compare_fn=make_comparison, report_settings=FAST,
+                        progress=False)
+    assert s.failed == 2 and s.ok == 2 and s.exit_code == 1
+    rows = _rows(out)
+    unreadable = [r for r in rows if r["patient"] == IDS[1]]
+    assert len(unreadable) == 1 and unreadable[0]["status"] == "failed"
+    assert "visit1.nii.gz" in unreadable[0]["error"] and unreadable[0]["report"] == ""
+    assert [r["status"] for r in rows if r["patient"] == IDS[0]] == ["ok", "ok"]
+
+
 def _srcs(page: str) -> list[str]:
     import re
 

@@ -72,7 +72,8 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, capsys):
     (tmp_path / "p" / "someday").mkdir()
     assert cli.main(["studies", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "someday: cannot tell when this visit happened" in err[0]
+    assert "someday: cannot tell when this visit happened" in err[0]
+    assert err[1:] == ["0 patient(s), 0 visit(s), 1 unusable patient(s) (errors above)"]
 
 
 def test_unexpected_error_is_status_1_and_debug_shows_traceback(studies, capsys, monkeypatch):
@@ -93,3 +94,14 @@ def test_console_script_entry_point():
         pytest.skip("package not installed with its console script")
     out = subprocess.run([str(script), "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"longitudinal {longitudinal.__version__}"
+
+
+def test_studies_lists_good_patients_past_a_broken_one(tmp_path, capsys):
+    for day in ("2020-01-01", "2020-06-01"):
+        write_nifti(tmp_path / "good" / f"{day}.nii.gz", smooth_volume((2, 3, 3)))
+    write_nifti(tmp_path / "bad" / "2020-01-01.nii.gz", smooth_volume((2, 3, 3)))
+    (tmp_path / "bad" / "2020-06-01.nii.gz").write_bytes(b"not a nifti")
+    assert cli.main(["studies", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert "good" in out and "2020-06-01" in out and "bad" not in out
+    assert f"{tmp_path / 'bad' / '2020-06-01.nii.gz'}:" in err and "1 unusable patient(s)" in err
