@@ -37,6 +37,7 @@ from .errors import InputError
 log = logging.getLogger(__name__)
 
 METHODS = ("ours", "subtraction", "random-encoder")
+OPERATING_THRESHOLDS = (3.0, 4.0, 5.0, 6.0, 8.0, 10.0)  # -log10 p, i.e. false-alarm rates 1e-3 ... 1e-10
 
 
 # --------------------------------------------------------------------------- metrics on masks
@@ -141,7 +142,7 @@ def _lesion_sizes(lesions: np.ndarray, n: int, doc: dict) -> dict[int, dict]:
                 best, best_d = c, d
         out[k] = {"voxels": int(len(where)),
                   "id": best.get("id") if best else None, "type": best.get("type") if best else None,
-                  "diameter_mm": best.get("diameter_mm") if best else None}
+                  "diameter_mm": best.get("diameter_mm", best.get("diameter_px")) if best else None}  # 2D: pixels
     return out
 
 
@@ -161,7 +162,8 @@ def method_settings(pipeline, method: str):
         enc = pipeline.encoding
         fields = {f.name: getattr(enc, f.name) for f in dataclasses.fields(EncoderSettings)}
         fields.update(name="random", weights=None)
-        return EncoderSettings(**fields), scoring
+        # a normative model fitted on pretrained features says nothing about random ones: fit within the pair
+        return EncoderSettings(**fields), dataclasses.replace(scoring, normative_model=None)
     raise ValueError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
 
 
@@ -202,6 +204,12 @@ def evaluate_pair(studies: Path, patient: str, baseline_path: Path, followup_pat
         m = lesion_metrics(truth, flagged)
         m.update(voxel_metrics(truth, change, foreground))
         m["found_diameters_mm"] = [sizes[k]["diameter_mm"] for k in m["found_ids"]]
+        # the same pair at other thresholds (change map > t on the follow-up grid: an operating curve)
+        m["operating_points"] = {}
+        for t in OPERATING_THRESHOLDS:
+            op = lesion_metrics(truth, (change > t) & foreground)
+            m["operating_points"][f"{t:g}"] = {k: op[k] for k in ("found_lesions", "false_positive_findings",
+                                                                   "flagged_findings", "true_findings")}
         m["progression_score"] = float(comparison.progression_score)
         m["progression"] = bool(comparison.progression)
         m["threshold"] = float(comparison.threshold)
@@ -257,7 +265,26 @@ def summarise(rows: list[dict], methods: tuple[str, ...]) -> dict[str, dict]:
             "smallest_found_diameter_mm": min(found_d) if found_d else None,
             "all_found_from_diameter_mm": all_found_from,
             "seconds_per_pair_mean": float(np.mean([m["seconds"] for _, m in ms])),
+            "operating_points": _operating_summary(rows, method),
         }
+    return out
+
+
+def _operating_summary(rows: list[dict], method: str) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    ms = [(r, r["methods"][method]) for r in rows if "operating_points" in r["methods"].get(method, {})]
+    for t in OPERATING_THRESHOLDS:
+        key = f"{t:g}"
+        ops = [(r, m["operating_points"][key]) for r, m in ms if key in m["operating_points"]]
+        if not ops:
+            continue
+        n_truth = sum(m["truth_lesions"] for _, m in ms)
+        found = sum(o["found_lesions"] for _, o in ops)
+        fp = [o["false_positive_findings"] for _, o in ops]
+        fp_stable = [o["false_positive_findings"] for r, o in ops if not r["changed"]]
+        out[key] = {"lesion_sensitivity": found / n_truth if n_truth else float("nan"),
+                    "false_positives_per_pair": float(np.mean(fp)),
+                    "false_positives_per_stable_pair": float(np.mean(fp_stable)) if fp_stable else float("nan")}
     return out
 
 
@@ -283,6 +310,17 @@ def summary_markdown(doc: dict) -> str:
                      f"{_fmt(m['lesion_f1'])} | {_fmt(m['voxel_auroc_mean'])} | {_fmt(m['voxel_ap_mean'])} | "
                      f"{_fmt(m['pair_auroc'])} | {_fmt(m['smallest_found_diameter_mm'])} | "
                      f"{_fmt(m['all_found_from_diameter_mm'])} | {_fmt(m['seconds_per_pair_mean'])} |")
+    lines += ["", "## Operating points (change map above -log10 p = t; sensitivity / FP per pair / FP per stable pair)", "",
+              "| method | " + " | ".join(f"t = {t:g}" for t in OPERATING_THRESHOLDS) + " |",
+              "|---|" + "---|" * len(OPERATING_THRESHOLDS)]
+    for method, m in s.items():
+        ops = m.get("operating_points") or {}
+        cells = []
+        for t in OPERATING_THRESHOLDS:
+            o = ops.get(f"{t:g}")
+            cells.append("-" if o is None else f"{_fmt(o['lesion_sensitivity'])} / {_fmt(o['false_positives_per_pair'])}"
+                                               f" / {_fmt(o['false_positives_per_stable_pair'])}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "## Pairs", "", "| patient | visit | truth lesions (diameter mm) | method | found | FP | score | "
               "flagged | voxel AUROC |", "|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:

@@ -95,3 +95,21 @@ def test_evaluate_one_sample_pair_writes_metrics(tmp_path, capsys):
     assert s["truth_lesions"] == 4  # 1 lesion at ses-02, 3 at ses-03 (sample_studies/README.md)
     assert s["lesion_sensitivity"] >= 0.75 and s["voxel_auroc_mean"] > 0.95  # easy: subtraction works
     assert (out / "summary.md").read_text() in capsys.readouterr().out
+
+
+def test_fit_normative_on_a_stable_sample_pair(tmp_path, capsys):
+    text = (Path(cli.__file__).resolve().parent.parent / "pipelines" / "brain-mri.toml").read_text()
+    text = text.replace('maps = ["intensity", "encoder"]', 'maps = ["intensity", "subtraction"]')
+    assert 'maps = ["intensity", "subtraction"]' in text
+    pipeline = tmp_path / "intensity.toml"
+    pipeline.write_text(text)
+    model = tmp_path / "model.pkl"
+    status = cli.main(["fit-normative", str(SAMPLES / "easy"), "-o", str(model), "--pipeline", str(pipeline),
+                       "--patients", "sub-03"])  # sub-03: the easy set's stable patient
+    assert status == 0 and "normative model fitted on" in capsys.readouterr().out
+    from longitudinal.scoring import ChangeDetector
+
+    detector = ChangeDetector.load(model)
+    assert detector.n_fit_ > 1000
+    assert detector.feature_names_ == ("intensity_mean_z", "intensity_max_z", "subtraction_mean_z",
+                                       "subtraction_max_z")
