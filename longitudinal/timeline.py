@@ -81,7 +81,15 @@ class Visit:
     header_patient_id: str | None = field(default=None, repr=False, compare=False)
 
     def load(self) -> Image:
-        return load_image(self.path, self.series_uid)
+        """The visit's image; what the timeline knows (date, modality) fills what the file's header lacks."""
+        image = load_image(self.path, self.series_uid)
+        meta = image.meta
+        known = {
+            "study_date": meta.study_date or (self.date.strftime("%Y%m%d") if self.date else None),
+            "study_time": meta.study_time or self.time,
+            "modality": meta.modality or self.modality,
+        }
+        return dataclasses.replace(image, meta=dataclasses.replace(meta, **known))
 
 
 @dataclass(frozen=True)

@@ -194,3 +194,12 @@ def test_missing_root_file_root_and_empty_root(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no patients found"):
         discover(tmp_path / "empty")
+
+
+def test_visit_load_fills_date_and_modality_the_nifti_header_lacks(tmp_path):
+    for day in ("2020-01-01", "2020-06-01"):
+        write_nifti(tmp_path / "P1" / day / "t1.nii.gz", smooth_volume((3, 4, 4)))
+    (patient,) = discover(tmp_path)
+    image = patient.visits[1].load()
+    assert image.meta.study_date == "20200601"
+    assert image.meta.modality is None  # a plain NIfTI says nothing about modality, and neither does its folder
