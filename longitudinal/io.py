@@ -515,14 +515,11 @@ def _decode_file(path: Path) -> np.ndarray:
         arr = sitk.GetArrayFromImage(img)
         if img.GetDimension() == 2:
             arr = arr[None]
-    except RuntimeError as sitk_exc:
+    except RuntimeError:
         try:
             ds = pydicom.dcmread(path, force=True)
             raw = ds.pixel_array
-            try:
-                from pydicom.pixels import apply_color_lut, apply_modality_lut
-            except ImportError:  # pydicom < 3
-                from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut
+            from pydicom.pixels import apply_color_lut, apply_modality_lut
             if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
                 arr = apply_color_lut(raw, ds)
             else:

@@ -26,7 +26,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -566,8 +566,6 @@ def _score_mappable(d: _Display):
 
 def _score_rgba(score: np.ndarray, d: _Display) -> np.ndarray:
     """Score colours whose opacity ramps up to the threshold: sub-threshold noise stays faint, flagged change solid."""
-    import matplotlib as mpl
-
     lo, hi = d.score_range
     rgba = _score_cmap()(np.clip((score - lo) / (hi - lo), 0, 1))
     ramp = np.clip((score - lo) / max(d.threshold - lo, 1e-6), 0, 1)

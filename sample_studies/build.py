@@ -862,7 +862,6 @@ def build_fundus(out: Path, spec: PatientSpec) -> None:
         img = img[:, ::-1].copy()
     img = np.clip(img * rng.uniform(0.92, 1.08, 3), 0, 1)  # a patient's own fundus pigmentation
     lesions = fundus_lesions(img, spec, rng)
-    true_ref = sitk.Image([FUNDUS_TRUE, FUNDUS_TRUE], sitk.sitkUInt8)
     names = visit_names(spec, "fundus")
     for v, vname in enumerate(names):
         angle = np.radians(rng.uniform(-4, 4))

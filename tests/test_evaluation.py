@@ -10,7 +10,7 @@ import pytest
 
 from longitudinal import cli
 from longitudinal.errors import InputError
-from longitudinal.evaluation import (evaluate, f1, lesion_metrics, pair_auroc, read_truth, summarise,
+from longitudinal.evaluation import (f1, lesion_metrics, pair_auroc, read_truth, summarise,
                                      truth_lesions, voxel_metrics)
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_studies"
