@@ -182,7 +182,7 @@ def _scored_regions(regions, scores, mask, labels, reference: Image, context: in
 
     out: list[ScoredRegion] = []
     voxel_mm3 = float(np.prod(reference.spacing))
-    components, n = ndimage.label(scores.flagged_mask)
+    components, _ = ndimage.label(scores.flagged_mask)
     region_of_voxel = np.full(mask.shape, -1, np.int64)
     order = np.argsort(scores.region_scores)  # ascending, so the best-scoring region wins each voxel
     for i in order:
@@ -195,19 +195,21 @@ def _scored_regions(regions, scores, mask, labels, reference: Image, context: in
         where = np.argwhere(inside) + [b.start for b in box]
         centre = reference.itk.TransformContinuousIndexToPhysicalPoint([float(v) for v in where.mean(0)[::-1]])
         out.append(ScoredRegion(
-            id=len(out) + 1, label=f"change near {regions[best].label} {regions[best].id}" if regions[best].value is not None else "change",
+            id=len(out) + 1, label=f"change in {regions[best].label}" if regions[best].value is not None else "change",
             centre_mm=tuple(round(c, 2) for c in centre),
             bbox=(tuple(int(b.start) for b in reversed(box)), tuple(int(b.stop) for b in reversed(box))),
             volume_mm3=round(len(where) * voxel_mm3, 2),
-            score=round(float(scores.region_scores[best]), 3), flagged=True,
-            stats={name: round(float(v), 3) for name, v in zip(scores.feature_names, scores.region_stats[best])},
+            score=round(float(scores.region_scores[best]), 3), flagged=True, stats=_stats(scores, best),
         ))
     unflagged = [i for i in np.argsort(-scores.region_scores) if scores.region_scores[i] <= scores.threshold][:context]
     for i in unflagged:
         r = regions[i]
         out.append(ScoredRegion(
             id=len(out) + 1, label=r.label, centre_mm=r.centre_mm, bbox=r.bbox, volume_mm3=r.volume_mm3,
-            score=round(float(scores.region_scores[i]), 3), flagged=False,
-            stats={name: round(float(v), 3) for name, v in zip(scores.feature_names, scores.region_stats[i])},
+            score=round(float(scores.region_scores[i]), 3), flagged=False, stats=_stats(scores, i),
         ))
     return tuple(out)
+
+
+def _stats(scores, i: int) -> dict[str, float]:
+    return {name: round(float(v), 3) for name, v in zip(scores.feature_names, scores.region_stats[i])}
