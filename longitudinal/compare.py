@@ -69,7 +69,7 @@ class Prepared:
 def prepare(baseline: Image, followup: Image, pipeline: Any = None) -> Prepared:
     """Register, mask, harmonise, make regions."""
     from .pipeline import for_image
-    from .preprocessing import foreground_mask, harmonise, mask_array
+    from .preprocessing import harmonise, mask_array
     from .regions import make_regions
     from .registration import register
 
@@ -79,7 +79,7 @@ def prepare(baseline: Image, followup: Image, pipeline: Any = None) -> Prepared:
     registration = register(baseline, followup, pipeline.registration, pipeline.preprocessing)
     timings["registration"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
-    mask_itk = foreground_mask(baseline, pipeline.preprocessing)
+    mask_itk = registration.fixed_mask  # the baseline's body mask, already made by the registration
     base_h, follow_h = harmonise(baseline, registration.registered, mask_itk, pipeline.preprocessing)
     mask = mask_array(mask_itk)
     timings["preprocessing"] = round(time.perf_counter() - clock, 3)

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .io import atomic_write_text
+from .report import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -332,24 +334,6 @@ def summary_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _jsonable(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.generic):
-        return _jsonable(v.item())
-    return v
-
-
 def evaluate(studies: str | os.PathLike, out: str | os.PathLike, pipeline: str | None = None, jobs: int = 1,
              methods: tuple[str, ...] = METHODS, patients: tuple[str, ...] | None = None) -> dict:
     """Evaluate every follow-up-vs-first-visit pair under `studies`; writes OUT/metrics.json and OUT/summary.md."""
@@ -379,9 +363,9 @@ def evaluate(studies: str | os.PathLike, out: str | os.PathLike, pipeline: str |
     doc = {"studies": str(studies), "pipeline": pipeline or "auto", "pairs": len(rows),
            "stable_pairs": sum(not r["changed"] for r in rows), "threshold": threshold,
            "methods": list(methods), "summary": summary, "rows": rows}
-    doc = _jsonable(doc)
-    _atomic_text(out / "metrics.json", json.dumps(doc, indent=2) + "\n")
-    _atomic_text(out / "summary.md", summary_markdown(_restore_nan(doc)))
+    doc = jsonable(doc)
+    atomic_write_text(out / "metrics.json", json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(out / "summary.md", summary_markdown(_restore_nan(doc)))
     return doc
 
 

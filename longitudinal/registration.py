@@ -128,6 +128,7 @@ class Registration:
     registered: Image  # moving resampled on the fixed grid (keeps RGB and the moving's metadata)
     qc: RegistrationQC
     fixed_reference: sitk.Image = field(repr=False)  # grid of the fixed image (voxels not needed)
+    fixed_mask: sitk.Image | None = field(default=None, repr=False)  # the baseline's body mask registration used
 
     @functools.cached_property
     def inverse(self) -> sitk.Transform:
@@ -584,4 +585,5 @@ def register(
     log.info("registered in %.1f s (%s), Dice %.3f, NCC %.3f", qc.seconds, "+".join(stages_run), qc.dice, qc.ncc)
     reference = sitk.Image(fixed.itk.GetSize(), sitk.sitkUInt8)
     reference.CopyInformation(fixed.itk)
-    return Registration(transform=tx, registered=moving.with_itk(registered), qc=qc, fixed_reference=reference)
+    return Registration(transform=tx, registered=moving.with_itk(registered), qc=qc, fixed_reference=reference,
+                        fixed_mask=f_mask_body)

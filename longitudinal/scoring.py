@@ -43,6 +43,7 @@ from sklearn.svm import OneClassSVM
 
 from .encoding import FeatureMap
 from .errors import InputError
+from .io import atomic_write
 from .regions import Region
 
 log = logging.getLogger(__name__)
@@ -365,13 +366,10 @@ class ChangeDetector:
         return self.calibration_.score(self.raw(X))
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
         state = dict(self.__dict__)
         state["settings"] = asdict(self.settings)
-        with open(tmp, "wb") as f:
-            pickle.dump({"format": "longitudinal.ChangeDetector/2", "state": state}, f)
-        tmp.replace(path)
+        payload = pickle.dumps({"format": "longitudinal.ChangeDetector/2", "state": state})
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(payload))
 
     @classmethod
     def load(cls, path: str | Path) -> "ChangeDetector":
