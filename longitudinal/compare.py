@@ -11,6 +11,8 @@ import SimpleITK as sitk
 
 from .io import Image
 
+FINDING_MERGE_MM = 3.0  # flagged pieces at most this far apart are one finding
+
 
 @dataclass(frozen=True)
 class ScoredRegion:
@@ -60,7 +62,7 @@ class Prepared:
     baseline_harmonised: Image
     followup_harmonised: Image
     mask: np.ndarray  # baseline grid, numpy order
-    regions: list
+    regions: list | None  # None: components, made from the change maps when the pair is scored
     labels: np.ndarray | None
     pipeline: Any
     timings_s: dict[str, float]
@@ -69,7 +71,7 @@ class Prepared:
 def prepare(baseline: Image, followup: Image, pipeline: Any = None) -> Prepared:
     """Register, mask, harmonise, make regions."""
     from .pipeline import for_image
-    from .preprocessing import harmonise, mask_array
+    from .preprocessing import harmonise, mask_array, match_resolution
     from .regions import make_regions
     from .registration import register
 
@@ -80,7 +82,10 @@ def prepare(baseline: Image, followup: Image, pipeline: Any = None) -> Prepared:
     timings["registration"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
     mask_itk = registration.fixed_mask  # the baseline's body mask, already made by the registration
-    base_h, follow_h = harmonise(baseline, registration.registered, mask_itk, pipeline.preprocessing)
+    base_in, follow_in = baseline, registration.registered
+    if pipeline.preprocessing.match_resolution:
+        base_in, follow_in = match_resolution(baseline, followup, registration)
+    base_h, follow_h = harmonise(base_in, follow_in, mask_itk, pipeline.preprocessing)
     mask = mask_array(mask_itk)
     timings["preprocessing"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
@@ -115,12 +120,12 @@ def score_prepared(prepared: Prepared, detector: Any = None, encoder_settings: A
 
     `encoder_settings` / `scoring_settings` override the pipeline's (the evaluation's baselines);
     `features` = (features_b, features_f, encoder description) already computed for this pair."""
-    from .scoring import ChangeDetector, score_pair
+    from .scoring import ChangeDetector, score_regions
 
     pipeline = prepared.pipeline
     scoring = scoring_settings or pipeline.scoring
     baseline, followup, registration = prepared.baseline, prepared.followup, prepared.registration
-    mask, regions, labels = prepared.mask, prepared.regions, prepared.labels
+    mask = prepared.mask
     timings = dict(prepared.timings_s)
     clock = time.perf_counter()
     features_b = features_f = None
@@ -131,10 +136,9 @@ def score_prepared(prepared: Prepared, detector: Any = None, encoder_settings: A
     clock = time.perf_counter()
     if detector is None and scoring.normative_model is not None:
         detector = ChangeDetector.load(scoring.normative_model)
-    b_arr = _gray(prepared.baseline_harmonised.array.astype(np.float32))
-    f_arr = _gray(prepared.followup_harmonised.array.astype(np.float32))
+    X, names, regions, labels = region_features_prepared(prepared, scoring, features_b, features_f)
     spacing_zyx = tuple(reversed(baseline.spacing))
-    scores = score_pair(b_arr, f_arr, features_b, features_f, mask, spacing_zyx, regions, labels, scoring, detector)
+    scores = score_regions(X, names, regions, mask, labels, spacing_zyx, scoring, detector)
     timings["scoring"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
 
@@ -166,6 +170,24 @@ def score_prepared(prepared: Prepared, detector: Any = None, encoder_settings: A
     )
 
 
+def region_features_prepared(prepared: Prepared, scoring: Any, features_b=None, features_f=None):
+    """(X, feature names, regions, labels) of a prepared pair: the change maps pooled over its regions.
+
+    Component regions are made here, from the change maps themselves."""
+    from .regions import component_regions
+    from .scoring import change_maps, combined_change, feature_names, region_features
+
+    b_arr = _gray(prepared.baseline_harmonised.array.astype(np.float32))
+    f_arr = _gray(prepared.followup_harmonised.array.astype(np.float32))
+    spacing_zyx = tuple(reversed(prepared.baseline.spacing))
+    maps = change_maps(b_arr, f_arr, features_b, features_f, prepared.mask, spacing_zyx, scoring)
+    regions, labels = prepared.regions, prepared.labels
+    if regions is None:
+        regions, labels = component_regions(prepared.baseline.itk, prepared.mask, combined_change(maps),
+                                            prepared.pipeline.regions)
+    return region_features(maps, regions, prepared.mask, labels), feature_names(maps), regions, labels
+
+
 def _gray(array: np.ndarray) -> np.ndarray:
     return array.mean(-1) if array.ndim == 3 and array.shape[-1] == 3 else array
 
@@ -182,7 +204,11 @@ def _scored_regions(regions, scores, mask, labels, reference: Image, context: in
 
     out: list[ScoredRegion] = []
     voxel_mm3 = float(np.prod(reference.spacing))
-    components, _ = ndimage.label(scores.flagged_mask)
+    # pieces of flagged tissue a few mm apart (one cube cut by a sulcus, a lesion's rim) are one finding
+    full = np.ones((3,) * mask.ndim, bool)
+    steps = max(1, round(FINDING_MERGE_MM / 2 / min(reference.spacing)))  # both pieces grow by half the gap
+    near = ndimage.binary_dilation(scores.flagged_mask, full, iterations=steps)
+    components = np.where(scores.flagged_mask, ndimage.label(near, full)[0], 0)
     region_of_voxel = np.full(mask.shape, -1, np.int64)
     order = np.argsort(scores.region_scores)  # ascending, so the best-scoring region wins each voxel
     for i in order:

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("ours", "subtraction", "random-encoder")
 OPERATING_THRESHOLDS = (3.0, 4.0, 5.0, 6.0, 8.0, 10.0)  # -log10 p, i.e. false-alarm rates 1e-3 ... 1e-10
+FINDING_MERGE_VOXELS = 1  # flagged pieces up to 2 voxels apart are one finding (compare.FINDING_MERGE_MM at 1.5 mm)
 
 
 # --------------------------------------------------------------------------- metrics on masks
@@ -56,14 +57,15 @@ def truth_lesions(truth: np.ndarray, merge_voxels: int = 1) -> tuple[np.ndarray,
     return np.where(truth, labels, 0), int(n)
 
 
-def lesion_metrics(truth: np.ndarray, flagged: np.ndarray) -> dict[str, Any]:
-    """Lesions found, flagged findings, false-positive findings of one pair (arrays on the same grid)."""
-    from scipy import ndimage
+def lesion_metrics(truth: np.ndarray, flagged: np.ndarray, merge_voxels: int = FINDING_MERGE_VOXELS) -> dict[str, Any]:
+    """Lesions found, flagged findings, false-positive findings of one pair (arrays on the same grid).
 
+    Flagged pieces up to 2 x `merge_voxels` apart form one finding, as `compare` reports them
+    (a flagged cube's tissue is often cut in two by a sulcus; those pieces are one finding, not two)."""
     truth, flagged = truth.astype(bool), flagged.astype(bool)
     lesions, n = truth_lesions(truth)
     found = sorted(int(v) for v in np.unique(lesions[flagged]) if v > 0)
-    comps, n_flagged = ndimage.label(flagged, np.ones((3,) * flagged.ndim, bool))
+    comps, n_flagged = truth_lesions(flagged, merge_voxels)
     hits = np.unique(comps[truth & flagged])
     true_findings = int((hits > 0).sum())
     return {
@@ -387,10 +389,10 @@ def _evaluate_job(args) -> dict:
 def fit_normative(studies: str | os.PathLike, out: str | os.PathLike, pipeline: str | None = None,
                   patients: tuple[str, ...] | None = None):
     """Fit a ChangeDetector on the region features of every pair under `studies` (all declared stable)."""
-    from .compare import encode_prepared, prepare
+    from .compare import encode_prepared, prepare, region_features_prepared
     from .io import load_image
     from .pipeline import for_image, load
-    from .scoring import ChangeDetector, pair_features
+    from .scoring import ChangeDetector
     from .timeline import discover, pairs
 
     rows, names, settings = [], None, None
@@ -405,12 +407,7 @@ def fit_normative(studies: str | os.PathLike, out: str | os.PathLike, pipeline: 
             fb = ff = None
             if "encoder" in settings.maps:
                 fb, ff, _ = encode_prepared(prepared)
-            b = prepared.baseline_harmonised.array.astype(np.float32)
-            f = prepared.followup_harmonised.array.astype(np.float32)
-            if b.ndim == f.ndim == len(baseline.size) + 1:
-                b, f = b.mean(-1), f.mean(-1)
-            X, names = pair_features(b, f, fb, ff, prepared.mask, tuple(reversed(baseline.spacing)),
-                                     prepared.regions, prepared.labels, settings)
+            X, names, _, _ = region_features_prepared(prepared, settings, fb, ff)
             rows.append(X)
             log.info("normative: %d regions from one pair", len(X))
     if not rows:

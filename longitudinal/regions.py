@@ -14,12 +14,23 @@ from .errors import InputError
 
 @dataclass(frozen=True)
 class RegionSettings:
-    kind: Literal["grid", "labels"] = "grid"
+    """What a region is: a cube of a regular grid, a structure of a label map, or a blob of the change itself."""
+
+    kind: Literal["grid", "labels", "components"] = "grid"
     size_mm: float = 8.0  # cube edge for the grid
     overlap: float = 0.5  # fraction of a cube that its neighbour shares, so no lesion is cut in two
     min_mask_fraction: float = 0.3  # a cube needs this much foreground to count
     label_map: Path | None = None  # NIfTI in the baseline's physical space (atlas or segmentation)
     label_names: tuple[str, ...] = ()  # names for label values 1, 2, ...
+    # components: connected voxels whose change (mean of the robust z maps) exceeds this many robust SDs;
+    # most are noise blobs, which is what lets the detector learn what unchanged tissue does
+    component_level: float = 2.5
+    component_min_mm3: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("grid", "labels", "components"):
+            raise ValueError(f"kind {self.kind!r} must be 'grid', 'labels' or 'components'")
+        object.__setattr__(self, "label_names", tuple(self.label_names))
 
 
 @dataclass(frozen=True)
@@ -47,8 +58,14 @@ class Region:
         return inside
 
 
-def make_regions(reference: sitk.Image, mask: np.ndarray, settings: RegionSettings) -> tuple[list[Region], np.ndarray | None]:
-    """Regions over `reference`'s grid and, for label maps, the label array they refer to."""
+def make_regions(reference: sitk.Image, mask: np.ndarray, settings: RegionSettings
+                 ) -> tuple[list[Region] | None, np.ndarray | None]:
+    """Regions over `reference`'s grid and, for label maps, the label array they refer to.
+
+    Components depend on the change, so they are not made here: (None, None), and `component_regions` makes
+    them once the change maps exist."""
+    if settings.kind == "components":
+        return None, None
     if settings.kind == "labels":
         if settings.label_map is None:
             raise InputError(None, "regions.kind = 'labels' needs regions.label_map (a NIfTI label image)")
@@ -113,17 +130,40 @@ def _label_array(reference: sitk.Image, path: Path) -> np.ndarray:
     return array
 
 
-def _label_regions(reference: sitk.Image, mask: np.ndarray, labels: np.ndarray, names: tuple[str, ...]) -> list[Region]:
+def component_regions(reference: sitk.Image, mask: np.ndarray, change: np.ndarray, settings: RegionSettings
+                      ) -> tuple[list[Region], np.ndarray]:
+    """Connected blobs (26-connected) of foreground voxels whose change exceeds `settings.component_level`."""
+    from scipy import ndimage
+
+    above = (change > settings.component_level) & mask.astype(bool)
+    labels, n = ndimage.label(above, np.ones((3,) * above.ndim, bool))
+    if n:
+        voxel_mm3 = float(np.prod(reference.GetSpacing()))
+        sizes = ndimage.sum_labels(above, labels, np.arange(1, n + 1)) * voxel_mm3
+        keep = np.zeros(n + 1, np.int32)
+        kept = np.flatnonzero(sizes >= settings.component_min_mm3)
+        keep[kept + 1] = np.arange(1, len(kept) + 1)
+        labels = keep[labels]
+    return _label_regions(reference, mask, labels, (), prefix="component"), labels
+
+
+def _label_regions(reference: sitk.Image, mask: np.ndarray, labels: np.ndarray, names: tuple[str, ...],
+                   prefix: str = "label") -> list[Region]:
+    from scipy import ndimage
+
     voxel_mm3 = float(np.prod(reference.GetSpacing()))
+    inside = np.where(mask.astype(bool), labels, 0)
     regions = []
-    for value in np.unique(labels[(labels > 0) & mask.astype(bool)]):
-        where = np.argwhere((labels == value) & mask.astype(bool))  # numpy (z, y, x) order
+    for value, box in enumerate(ndimage.find_objects(np.maximum(inside, 0)), start=1):
+        if box is None:
+            continue
+        where = np.argwhere(inside[box] == value) + [b.start for b in box]  # numpy (z, y, x) order
         lo, hi = where.min(0)[::-1], where.max(0)[::-1] + 1
         centre = reference.TransformContinuousIndexToPhysicalPoint([float(v) for v in where.mean(0)[::-1]])
         regions.append(
             Region(
                 id=len(regions) + 1,
-                label=names[value - 1] if 0 < value <= len(names) else f"label {value}",
+                label=names[value - 1] if 0 < value <= len(names) else f"{prefix} {value}",
                 bbox=(tuple(int(v) for v in lo), tuple(int(v) for v in hi)),
                 value=int(value),
                 centre_mm=tuple(round(c, 2) for c in centre),

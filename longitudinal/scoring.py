@@ -4,8 +4,8 @@ What differs between two scans without anything having changed (noise, a residua
 intensity curve, ~1 mm of residual misalignment or scanner distortion) is removed or discounted before any
 detector sees it:
 
-- intensity: log ratio of the harmonised visits (gain cancels), minus its smooth part (residual bias field),
-  divided by what noise and misalignment alone would give at that voxel (sqrt(noise^2 + (gradient x
+- intensity: log ratio of the harmonised visits (gain, residual intensity curve and shading were divided out
+  by `preprocessing.local_correction`), divided by what noise and misalignment alone would give at that voxel (sqrt(noise^2 + (gradient x
   misalignment)^2): edges move, flat tissue does not), then pooled over ~1 mm;
 - encoder: per-stage distance of the two visits' dense CNN features, each channel scaled by its typical
   difference inside the foreground.
@@ -44,6 +44,7 @@ from sklearn.svm import OneClassSVM
 from .encoding import FeatureMap
 from .errors import InputError
 from .io import atomic_write
+from .preprocessing import masked_smooth
 from .regions import Region
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,6 @@ class ScoringSettings:
     maps: tuple[str, ...] = ("intensity", "encoder")
     smoothing_mm: float = 1.0  # pooling of the intensity maps, against single-voxel noise
     pool_mm: float = 1.5  # pooling of the signed intensity change over about a small lesion's radius
-    bias_mm: float = 8.0  # smooth intensity ratios wider than this are bias field, not change
     misalignment_mm: float = 1.0  # residual misalignment/distortion tolerated at edges
     max_fit_regions: int = 3000  # regions subsampled to fit the detector (OCSVM is quadratic in them)
     tail_fraction: float = 0.1  # upper fraction of null scores described by the generalized Pareto tail
@@ -108,14 +108,6 @@ def _robust_z(values: np.ndarray, inside: np.ndarray) -> np.ndarray:
     return ((values - median) / scale).astype(np.float32)
 
 
-def _masked_smooth(values: np.ndarray, inside: np.ndarray, sigma) -> np.ndarray:
-    """Gaussian mean over the foreground only (normalised convolution), so the edge does not leak in."""
-    w = inside.astype(np.float32)
-    num = ndimage.gaussian_filter(values * w, sigma)
-    den = ndimage.gaussian_filter(w, sigma)
-    return num / np.maximum(den, 1e-3)
-
-
 def intensity_change(baseline: np.ndarray, followup: np.ndarray, mask: np.ndarray, spacing_zyx,
                      settings: "ScoringSettings") -> np.ndarray:
     """|change| in units of what noise and misalignment alone would produce at each voxel (>= 0)."""
@@ -124,17 +116,16 @@ def intensity_change(baseline: np.ndarray, followup: np.ndarray, mask: np.ndarra
     floor = max(float(np.percentile(baseline[inside], 1)), 1e-3) if inside.any() else 1.0
     lb = np.log(np.maximum(baseline.astype(np.float32), floor))
     lf = np.log(np.maximum(followup.astype(np.float32), floor))
-    ratio = np.where(inside, lf - lb, 0.0).astype(np.float32)
-    lf = lf - _masked_smooth(ratio, inside, settings.bias_mm / sp)  # residual bias field
     sigma = settings.smoothing_mm / sp
     sb, sf = ndimage.gaussian_filter(lb, sigma), ndimage.gaussian_filter(lf, sigma)
-    mean = 0.5 * (sb + sf)
-    grad2 = sum((ndimage.sobel(mean, axis=a) / (8.0 * sp[a])) ** 2 for a in range(mean.ndim))
+    # Misalignment moves edges that both visits have; an edge in one visit only (a new lesion's rim) is change,
+    # so the tolerated gradient is the smaller of the two visits' at each voxel.
+    grad2 = np.minimum(*(sum((ndimage.sobel(v, axis=a) / (8.0 * sp[a])) ** 2 for a in range(v.ndim)) for v in (sb, sf)))
     diff = np.where(inside, sf - sb, 0.0)
     noise = 1.4826 * float(np.median(np.abs(diff[inside]))) if inside.any() else 1.0
     z = diff / np.sqrt(noise ** 2 + grad2 * settings.misalignment_mm ** 2 + 1e-12)
     # a lesion changes its voxels the same way: pool the signed change over about its size (matched filter)
-    return np.abs(_masked_smooth(z.astype(np.float32), inside, settings.pool_mm / sp)).astype(np.float32)
+    return np.abs(masked_smooth(z.astype(np.float32), inside, settings.pool_mm / sp)).astype(np.float32)
 
 
 def subtraction_change(baseline: np.ndarray, followup: np.ndarray, spacing_zyx, settings: "ScoringSettings") -> np.ndarray:
@@ -288,7 +279,9 @@ class TailCalibration:
         u = float(np.quantile(null, 1.0 - tail_fraction))
         excess = null[null > u] - u
         tail_prob = len(excess) / len(null)
-        shape, scale = 0.0, float(excess.mean()) if len(excess) else 1.0
+        # exponential scale from the median excess (= scale x ln 2): the few largest values of a small null
+        # sample are often the very changes being scored, and would inflate a mean
+        shape, scale = 0.0, float(np.median(excess)) / math.log(2.0) if len(excess) else 1.0
         if len(excess) >= 30:
             with np.errstate(all="ignore"):
                 try:
@@ -329,7 +322,9 @@ class ChangeDetector:
             raise InputError(None, f"too few regions ({len(X)}) to learn what unchanged anatomy looks like")
         s = self.settings
         rng = np.random.default_rng(s.seed)
-        fit_rows = X if len(X) <= s.max_fit_regions else X[rng.choice(len(X), s.max_fit_regions, replace=False)]
+        chosen = np.arange(len(X)) if len(X) <= s.max_fit_regions else np.sort(
+            rng.choice(len(X), s.max_fit_regions, replace=False))
+        fit_rows = X[chosen]
         self.feature_names_ = tuple(feature_names_)
         self.scaler_ = RobustScaler(quantile_range=(10.0, 90.0)).fit(fit_rows)
         Z = self._scaled(fit_rows)
@@ -337,7 +332,8 @@ class ChangeDetector:
             self.model_ = OneClassSVM(kernel="rbf", nu=s.nu, gamma=s.gamma).fit(Z)
         else:
             self.model_ = IsolationForest(n_estimators=s.n_estimators, random_state=s.seed).fit(Z)
-        self.calibration_ = TailCalibration.fit(self.raw(X), s.tail_fraction)
+        self.fitted_rows_ = chosen  # which rows of X were fitted on, to leave each out of its own score
+        self.calibration_ = TailCalibration.fit(self.raw(X, fitted=True), s.tail_fraction)
         self.n_fit_ = len(X)
         return self
 
@@ -346,21 +342,25 @@ class ChangeDetector:
         # so values below the median are clipped to it and the detector only models 'more change than usual'.
         return np.maximum(self.scaler_.transform(np.asarray(X, np.float64)), 0.0)
 
-    def raw(self, X: np.ndarray) -> np.ndarray:
+    def raw(self, X: np.ndarray, fitted: bool = False) -> np.ndarray:
         """Uncalibrated change, higher = less like unchanged anatomy.
 
         OCSVM: -log of its kernel expansion sum_i a_i exp(-gamma |x - sv_i|^2) (= decision function + rho),
         evaluated in the log domain. The decision function itself saturates at -rho far from every support
         vector, so a region twice as far out as another would get the same score; the log does not.
+        `fitted`: X is the array the detector was fitted on (within a pair). An outlying region is then a
+        support vector itself, and its own term exp(0) would make it look typical: it is left out, so every
+        region is judged against the others.
         Isolation Forest: its negated decision function."""
         Z = self._scaled(X)
         if not isinstance(self.model_, OneClassSVM):
-            value = -self.model_.decision_function(Z)
-        else:
-            sv, alpha = self.model_.support_vectors_, self.model_.dual_coef_[0]
-            d2 = euclidean_distances(Z, sv, squared=True)
-            value = -logsumexp(np.log(np.maximum(alpha, 1e-300))[None, :] - self.model_._gamma * d2, axis=1)
-        return value
+            return -self.model_.decision_function(Z)
+        sv, alpha = self.model_.support_vectors_, self.model_.dual_coef_[0]
+        log_terms = np.log(np.maximum(alpha, 1e-300))[None, :] - self.model_._gamma * euclidean_distances(Z, sv, squared=True)
+        if fitted:
+            own_row = self.fitted_rows_[self.model_.support_]  # the row of X each support vector came from
+            log_terms[own_row, np.arange(len(own_row))] = -np.inf
+        return -logsumexp(log_terms, axis=1)
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
         return self.calibration_.score(self.raw(X))
@@ -424,6 +424,13 @@ def score_pair(
 ) -> PairScores:
     """Score every region; `detector` is a fitted normative model, else one is fitted within the pair."""
     X, names = pair_features(baseline, followup, features_b, features_f, mask, spacing_zyx, regions, labels, settings)
+    return score_regions(X, names, regions, mask, labels, spacing_zyx, settings, detector)
+
+
+def score_regions(X: np.ndarray, names: tuple[str, ...], regions: list[Region], mask: np.ndarray,
+                  labels: np.ndarray | None, spacing_zyx, settings: ScoringSettings,
+                  detector: ChangeDetector | None = None) -> PairScores:
+    """Calibrated scores of regions whose change features are `X` (columns `names`)."""
     within_pair = detector is None
     if within_pair:
         detector = ChangeDetector(settings).fit(X, names)
@@ -442,6 +449,11 @@ def score_pair(
     return PairScores(scores, X, voxel_map, flagged_mask, threshold, names)
 
 
+def combined_change(maps: dict[str, np.ndarray]) -> np.ndarray:
+    """One voxel statistic from all maps (each a robust z): their mean, so a blob must change in every view."""
+    return np.mean(np.stack(list(maps.values())), axis=0)
+
+
 def _trimmed_scores(detector: ChangeDetector, X, regions, mask, labels, settings: ScoringSettings,
                     voxel_mm3: float) -> np.ndarray:
     """Scores against the pair's own null, refitted without the regions that touch flagged voxels.
@@ -449,7 +461,7 @@ def _trimmed_scores(detector: ChangeDetector, X, regions, mask, labels, settings
     A large change spans hundreds of overlapping regions: left in the null, it fattens the very tail it must
     stand out from (and calibrates itself away). Each round removes every region overlapping the flagged voxels
     from the calibration sample; unchanged pairs lose few regions, so their false-alarm rate barely moves."""
-    raw = detector.raw(X)
+    raw = detector.raw(X, fitted=True)
     null = np.ones(len(X), bool)
     cal = detector.calibration_
     for _ in range(settings.trim_iterations):

@@ -35,6 +35,18 @@ def test_lesion_metrics_known_answer():
     assert lesion_metrics(truth, np.zeros(shape, bool))["false_positive_findings"] == 0
 
 
+def test_flagged_pieces_two_voxels_apart_are_one_finding_three_apart_are_two():
+    shape = (20, 20, 20)
+    truth = _box(shape, (2, 2, 2), (5, 5, 5))
+    near = _box(shape, (3, 3, 3), (5, 5, 5)) | _box(shape, (7, 3, 3), (9, 5, 5))  # gap of 2 voxels: a rim piece
+    assert lesion_metrics(truth, near)["flagged_findings"] == 1
+    assert lesion_metrics(truth, near)["false_positive_findings"] == 0
+    far = _box(shape, (3, 3, 3), (5, 5, 5)) | _box(shape, (8, 3, 3), (10, 5, 5))  # gap of 3 voxels: apart
+    m = lesion_metrics(truth, far)
+    assert (m["flagged_findings"], m["false_positive_findings"]) == (2, 1)
+    assert lesion_metrics(truth, far, merge_voxels=0)["flagged_findings"] == 2
+
+
 def test_truth_fragments_one_voxel_apart_are_one_lesion():
     shape = (10, 10, 10)
     truth = _box(shape, (2, 2, 2), (4, 4, 4)) | _box(shape, (5, 2, 2), (7, 4, 4))  # gap of one voxel
