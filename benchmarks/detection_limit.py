@@ -30,12 +30,15 @@ from longitudinal.timeline import discover, pairs
 ROOT = Path(__file__).resolve().parent.parent / "sample_studies"
 
 
-def oracle(diff: np.ndarray, inner: np.ndarray, component: np.ndarray) -> tuple[float, float, int, float]:
-    """(z of the change, max |z| of unchanged positions, positions at least as extreme, Gaussian expectation)."""
+def oracle(diff: np.ndarray, inner: np.ndarray, component: np.ndarray, changed: np.ndarray
+           ) -> tuple[float, float, int, float]:
+    """(z of the change, max |z| of unchanged positions, positions at least as extreme, Gaussian expectation).
+
+    Unchanged positions are those at least 3 voxels from every true change of the pair."""
     box = ndimage.find_objects(component.astype(np.int8))[0]
     template = component[box].astype(np.float32)
     response = ndimage.correlate(diff, template / template.sum(), mode="constant")
-    null = response[inner & ~ndimage.binary_dilation(component, iterations=3)]
+    null = response[inner & ~ndimage.binary_dilation(changed, iterations=3)]
     centre = float(np.median(null))
     spread = 1.4826 * float(np.median(np.abs(null - centre)))
     near = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
@@ -80,7 +83,7 @@ def main() -> None:
                     component = components == k
                     if component.sum() < 3:
                         continue
-                    z, zmax, count, gauss = oracle(diff, inner, component)
+                    z, zmax, count, gauss = oracle(diff, inner, component, truth)
                     ident = _change_at(changes, component, prepared, baseline)
                     diameter = changes.get(ident, {}).get("diameter_mm", float("nan"))
                     print(f"{name:6} {patient.id:8} {pair.followup.id:12} {ident:7} {diameter:5.1f} "
