@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+LESION_MM = (-26.0, 20.0, 24.0)  # centre of the follow-up's new lesion, baseline physical space
 
 PAIR_SCRIPT = r"""
 import json, sys, time
@@ -32,9 +33,13 @@ t = time.perf_counter()
 c = compare(load_image(sys.argv[1]), load_image(sys.argv[2]))
 t_compare = time.perf_counter() - t
 write_outputs(c, sys.argv[3])
+flagged = [r for r in c.regions if r.flagged]
+distances = [sum((a - b) ** 2 for a, b in zip(r.centre_mm, LESION_MM)) ** 0.5 for r in flagged]
 print(json.dumps({"compare_s": t_compare, "total_s": time.perf_counter() - t, "stages_s": c.timings_s,
-                  "progression": c.progression, "flagged": sum(r.flagged for r in c.regions)}))
-"""
+                  "progression": c.progression, "flagged": len(flagged),
+                  "lesion_found": any(d <= 6.0 for d in distances),
+                  "other_findings": sum(d > 6.0 for d in distances)}))
+""".replace("LESION_MM", repr(LESION_MM))
 
 
 def make_pair(folder: Path) -> tuple[Path, Path]:
@@ -48,7 +53,7 @@ def make_pair(folder: Path) -> tuple[Path, Path]:
     arr = sitk.GetArrayFromImage(base)
     # a 6 mm lesion, -40 % in white matter, then a rigid move of the whole head
     idx = np.indices(arr.shape).astype(np.float32)
-    centre = base.TransformPhysicalPointToIndex((-26.0, 20.0, 24.0))[::-1]
+    centre = base.TransformPhysicalPointToIndex(LESION_MM)[::-1]
     r2 = sum((idx[i] - centre[i]) ** 2 for i in range(3))
     lesion = np.exp(-r2 / (2 * 2.0 ** 2)).astype(np.float32)
     follow = sitk.GetImageFromArray(arr * (1 - 0.4 * lesion))
@@ -106,7 +111,8 @@ def main() -> None:
         print("\ncompare, 1 mm brain pair (197x233x189), fresh process:")
         print(f"  wall {wall:.1f} s (compare {result['compare_s']:.1f} s + report), CPU {cpu:.1f} s, peak RSS {rss:.0f} MB")
         print("  stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in result["stages_s"].items()))
-        print(f"  verdict: progression={result['progression']}, flagged regions {result['flagged']}")
+        print(f"  verdict: progression={result['progression']}, {result['flagged']} flagged findings; the new 6 mm "
+              f"lesion {'found' if result['lesion_found'] else 'MISSED'}, {result['other_findings']} other findings")
         if args.skip_batch:
             return
         print("\nbatch over sample_studies/ (" + ", ".join(args.sets) + "):")

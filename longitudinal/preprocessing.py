@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 MASK_METHODS = ("otsu", "threshold", "none")
 HARMONISATIONS = ("histogram", "zscore", "none")
 MASK_WORK_VOXELS = 1_500_000  # masks of larger images are computed on a shrunk copy
+LOCAL_WORK_VOXELS = 2_000_000  # the residual curve and shading of larger images are fitted on a shrunk copy
 
 
 @dataclass(frozen=True)
@@ -256,18 +257,28 @@ def local_correction(followup: sitk.Image, baseline: sitk.Image, mask: sitk.Imag
     sigma = 1.0 / spacing  # 1 mm: the curve is read off intensities, not off single noisy voxels
     sb, sf = ndimage.gaussian_filter(lb, sigma), ndimage.gaussian_filter(lf, sigma)
     level, ratio = 0.5 * (sb + sf), sf - sb
-    curve = np.zeros_like(ratio)
-    field = np.zeros_like(ratio)
-    use = inside.copy()
+    # the curve and the field are smooth: large images are fitted on every k-th voxel (a 1 mm brain on a 2 mm
+    # lattice). Sampled, not averaged: an average across a tissue border would bend the curve.
+    k = max(1, math.ceil((ratio.size / LOCAL_WORK_VOXELS) ** (1.0 / ratio.ndim)))
+    k = min(k, max(1, int(settings.local_correction_mm / (4.0 * float(spacing.max())))))  # >= 4 samples per SD
+    lattice = (slice(None, None, k),) * ratio.ndim
+    level_w, ratio_w, inside_w = level[lattice], ratio[lattice], inside[lattice]
+    xs = ys = np.zeros(0)
+    curve = np.zeros_like(ratio_w)
+    field = np.zeros_like(ratio_w)
+    use = inside_w.copy()
     for _ in range(iterations):
         if settings.curve_bins > 1:
-            xs, ys = _binned_median(level[use], (ratio - field)[use], settings.curve_bins)
-            curve = np.interp(level, xs, ys).astype(np.float32) if len(xs) >= 2 else np.zeros_like(ratio)
-        field = masked_smooth(np.where(use, ratio - curve, 0.0).astype(np.float32), use,
-                              settings.local_correction_mm / spacing)
-        residual = (ratio - curve - field)[inside]
+            xs, ys = _binned_median(level_w[use], (ratio_w - field)[use], settings.curve_bins)
+            curve = np.interp(level_w, xs, ys).astype(np.float32) if len(xs) >= 2 else np.zeros_like(ratio_w)
+        field = masked_smooth(np.where(use, ratio_w - curve, 0.0).astype(np.float32), use,
+                              settings.local_correction_mm / (spacing * k))
+        residual = (ratio_w - curve - field)[inside_w]
         spread = 1.4826 * float(np.median(np.abs(residual - np.median(residual)))) or 1.0
-        use = inside & (np.abs(ratio - curve - field) <= 3.0 * spread)
+        use = inside_w & (np.abs(ratio_w - curve - field) <= 3.0 * spread)
+    if k > 1:
+        curve = np.interp(level, xs, ys).astype(np.float32) if len(xs) >= 2 else np.zeros_like(ratio)
+        field = ndimage.zoom(field, [n / m for n, m in zip(ratio.shape, field.shape)], order=1, mode="nearest")
     correction = np.where(inside, curve + field, 0.0)
     out = sitk.GetImageFromArray((f * np.exp(-correction)).astype(np.float32))
     out.CopyInformation(followup)

@@ -236,3 +236,21 @@ def test_match_resolution_makes_a_thick_slice_followup_and_the_baseline_agree(t1
     assert outside.any()
     original = sitk.GetArrayFromImage(t1)[outside]
     assert np.median(matched_b.array[outside] / np.maximum(original, 1e-3)) > 0.8
+
+
+def test_local_correction_fitted_on_a_lattice_matches_the_full_fit(t1, monkeypatch):
+    """Large images fit the curve and field on every k-th voxel: the correction must not change by it."""
+    import longitudinal.preprocessing as preprocessing
+
+    a = sitk.GetArrayFromImage(t1)
+    rng = np.random.default_rng(7)
+    f = _like(t1, 200 * (np.maximum(a, 0) / 200) ** 1.15 * _bias(a.shape) + rng.normal(0, 2, a.shape))
+    mask = foreground_mask(t1)
+    settings = PreprocessingSettings(local_correction_mm=16.0)  # at 2 mm voxels a lattice of 4 mm is allowed
+    full = sitk.GetArrayFromImage(preprocessing.local_correction(f, t1, mask, settings))
+    monkeypatch.setattr(preprocessing, "LOCAL_WORK_VOXELS", a.size // 8)  # forces a lattice of every 2nd voxel
+    lattice = sitk.GetArrayFromImage(preprocessing.local_correction(f, t1, mask, settings))
+    tissue = (sitk.GetArrayFromImage(mask) > 0) & (a > 0.1 * a.max())
+    change = np.abs(np.log(np.maximum(lattice, 1e-3) / np.maximum(full, 1e-3)))[tissue]
+    assert np.percentile(change, 99) < 0.005, np.percentile(change, 99)
+    assert not np.array_equal(lattice, full)  # the lattice path did run
