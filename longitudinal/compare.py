@@ -49,6 +49,7 @@ class Comparison:
     pipeline: Any  # pipeline.Pipeline
     encoder: dict[str, str]  # name, weights path, sha256
     timings_s: dict[str, float]
+    regions_scored: int = 0  # every region the detector scored; `regions` lists the flagged and the top others
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,6 +168,7 @@ def score_prepared(prepared: Prepared, detector: Any = None, encoder_settings: A
         pipeline=pipeline,
         encoder=encoder_info,
         timings_s=timings,
+        regions_scored=len(regions),
     )
 
 

@@ -58,7 +58,7 @@ UNITS = {
     "volume_mm3": "cubic millimetres (2D images: area in square millimetres)",
     "spacing_mm": "mm per voxel along (x, y[, z])",
     "size": "voxels along (x, y[, z])",
-    "score": "calibrated change score (dimensionless, robust z-like); flagged when above threshold",
+    "score": "calibrated change score: -log10 of the chance that an unchanged region scores this high; flagged above threshold",
     "progression_score": "calibrated change score (dimensionless); progression when above threshold",
     "threshold": "same scale as score",
     "false_alarm_rate": "fraction of unchanged regions expected above the threshold (0..1)",
@@ -860,7 +860,8 @@ def _html(result: dict, regions: list[ScoredRegion], figures: list[tuple[_Place,
         f"<div class='verdict {'pos' if pos else 'neg'}'><div class='big'>{'PROGRESSION' if pos else 'NO PROGRESSION'}</div>"
         f"<div class='score'>score {_fmt(result['progression_score'], '.2f')}<br><span style='font-size:15px;font-weight:400'>"
         f"threshold {_fmt(result['threshold'], '.2f')}</span></div>"
-        f"<div class='expl'>{flagged_n} of {len(regions)} regions above the threshold. The threshold is set so that about "
+        f"<div class='expl'>{flagged_n} flagged finding{'' if flagged_n == 1 else 's'} above the threshold, among "
+        f"{int(result.get('n_regions_scored') or len(regions)):,} regions scored. The threshold is set so that about "
         f"{far_txt} of regions that did not change would be flagged by chance (false-alarm rate {_fmt(far, '.3g')} per region). "
         f"This is decision support: read the images below.</div></div>")
 
@@ -1026,6 +1027,7 @@ def write_outputs(
         "false_alarm_rate": float(comparison.false_alarm_rate),
         "n_regions": len(ordered),
         "n_flagged": sum(1 for r in ordered if r.flagged),
+        "n_regions_scored": int(comparison.regions_scored),
         "patient": _patient_block(comparison, deidentify, deid_key, patient_id),
         "visits": [_visit_block(comparison.baseline, "baseline", deidentify, secrets),
                    _visit_block(comparison.followup, "followup", deidentify, secrets)],

@@ -36,6 +36,9 @@ def test_compare_writes_the_output_contract_on_the_followups_grid(progressing):
     assert isinstance(result["progression_score"], float) and result["progression"] is True
     assert result["regions"] and {"centre_mm", "volume_mm3", "score", "flagged"} <= set(result["regions"][0])
     assert result["registration"]["suspect"] is False
+    # the report lists the findings and the top others, but says how many regions were scored (an 8 mm grid)
+    assert result["n_regions_scored"] > 1000 > result["n_regions"]
+    assert f"among {result['n_regions_scored']:,} regions scored" in (out / "report.html").read_text()
     followup = sitk.ReadImage(str(follow))
     for name in ("change_map.nii.gz", "flagged_mask.nii.gz"):
         assert _same_grid(sitk.ReadImage(str(out / name)), followup), name
