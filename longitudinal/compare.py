@@ -204,13 +204,13 @@ def _scored_regions(regions, scores, mask, labels, reference: Image, context: in
     """Flagged changes merged into connected findings, then the highest-scoring unflagged regions for context."""
     from scipy import ndimage
 
+    from .regions import nearby_components
+
     out: list[ScoredRegion] = []
     voxel_mm3 = float(np.prod(reference.spacing))
     # pieces of flagged tissue a few mm apart (one cube cut by a sulcus, a lesion's rim) are one finding
-    full = np.ones((3,) * mask.ndim, bool)
     steps = max(1, round(FINDING_MERGE_MM / 2 / min(reference.spacing)))  # both pieces grow by half the gap
-    near = ndimage.binary_dilation(scores.flagged_mask, full, iterations=steps)
-    components = np.where(scores.flagged_mask, ndimage.label(near, full)[0], 0)
+    components, _ = nearby_components(scores.flagged_mask, steps)
     region_of_voxel = np.full(mask.shape, -1, np.int64)
     order = np.argsort(scores.region_scores)  # ascending, so the best-scoring region wins each voxel
     for i in order:

@@ -48,13 +48,9 @@ FINDING_MERGE_VOXELS = 1  # flagged pieces up to 2 voxels apart are one finding 
 
 def truth_lesions(truth: np.ndarray, merge_voxels: int = 1) -> tuple[np.ndarray, int]:
     """Label the truth mask's lesions: 26-connected components, fragments within `merge_voxels` merged."""
-    from scipy import ndimage
+    from .regions import nearby_components
 
-    truth = truth.astype(bool)
-    structure = np.ones((3,) * truth.ndim, bool)
-    grown = ndimage.binary_dilation(truth, structure, iterations=merge_voxels) if merge_voxels else truth
-    labels, n = ndimage.label(grown, structure)
-    return np.where(truth, labels, 0), int(n)
+    return nearby_components(truth, merge_voxels)
 
 
 def lesion_metrics(truth: np.ndarray, flagged: np.ndarray, merge_voxels: int = FINDING_MERGE_VOXELS) -> dict[str, Any]:

@@ -130,13 +130,26 @@ def _label_array(reference: sitk.Image, path: Path) -> np.ndarray:
     return array
 
 
+def nearby_components(mask: np.ndarray, merge_voxels: int = 0) -> tuple[np.ndarray, int]:
+    """26-connected blobs of a mask, pieces up to 2 x `merge_voxels` apart counted as one: (labels, count).
+
+    Labels are 0 outside the mask. Truth lesions, flagged findings and change components are all counted so."""
+    from scipy import ndimage
+
+    mask = mask.astype(bool)
+    structure = np.ones((3,) * mask.ndim, bool)
+    grown = ndimage.binary_dilation(mask, structure, iterations=merge_voxels) if merge_voxels else mask
+    labels, n = ndimage.label(grown, structure)
+    return np.where(mask, labels, 0), int(n)
+
+
 def component_regions(reference: sitk.Image, mask: np.ndarray, change: np.ndarray, settings: RegionSettings
                       ) -> tuple[list[Region], np.ndarray]:
     """Connected blobs (26-connected) of foreground voxels whose change exceeds `settings.component_level`."""
     from scipy import ndimage
 
     above = (change > settings.component_level) & mask.astype(bool)
-    labels, n = ndimage.label(above, np.ones((3,) * above.ndim, bool))
+    labels, n = nearby_components(above)
     if n:
         voxel_mm3 = float(np.prod(reference.GetSpacing()))
         sizes = ndimage.sum_labels(above, labels, np.arange(1, n + 1)) * voxel_mm3
