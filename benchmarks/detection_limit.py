@@ -15,19 +15,11 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 
-from longitudinal.compare import prepare
-from longitudinal.evaluation import read_truth
-from longitudinal.io import load_image
-from longitudinal.pipeline import for_image, load
-from longitudinal.timeline import discover, pairs
-
-ROOT = Path(__file__).resolve().parent.parent / "sample_studies"
+from sample_pairs import prepared_pairs
 
 
 def oracle(diff: np.ndarray, inner: np.ndarray, component: np.ndarray, changed: np.ndarray
@@ -57,37 +49,30 @@ def main() -> None:
     print(f"{'set':6} {'patient':8} {'follow-up':12} {'change':7} {'mm':>5} {'voxels':>6} {'z':>6} "
           f"{'null max':>8} {'as extreme':>10} {'Gaussian':>9}")
     for name in args.sets:
-        root = ROOT / name
-        for patient in discover(root):
-            for pair in pairs(patient):
-                truth_itk, doc = read_truth(root, patient.id, pair.followup.id)
-                baseline, followup = load_image(pair.baseline.path), load_image(pair.followup.path)
-                pipeline = load(args.pipeline) if args.pipeline else for_image(baseline)
-                prepared = prepare(baseline, followup, pipeline)
-                truth_b = prepared.registration.to_fixed(sitk.Cast(truth_itk, sitk.sitkFloat32))
-                truth = sitk.GetArrayFromImage(truth_b) > 0.5
-                if not truth.any():
+        for patient_id, visit, prepared, truth, doc in prepared_pairs(name, args.pipeline):
+            if not truth.any():
+                continue
+            baseline = prepared.baseline
+            if args.raw:
+                b = baseline.array.astype(np.float32)
+                f = prepared.registration.registered.array.astype(np.float32)
+                f = f * float(np.median(b[prepared.mask]) / max(np.median(f[prepared.mask]), 1e-6))
+            else:
+                b = prepared.baseline_harmonised.array.astype(np.float32)
+                f = prepared.followup_harmonised.array.astype(np.float32)
+            diff = np.where(prepared.mask, f - b, 0.0).astype(np.float32)
+            inner = ndimage.binary_erosion(prepared.mask, iterations=4)
+            changes = {c["id"]: c for c in doc.get("changes", [])}
+            components, n = ndimage.label(truth)
+            for k in range(1, n + 1):
+                component = components == k
+                if component.sum() < 3:
                     continue
-                if args.raw:
-                    b = baseline.array.astype(np.float32)
-                    f = prepared.registration.registered.array.astype(np.float32)
-                    f = f * float(np.median(b[prepared.mask]) / max(np.median(f[prepared.mask]), 1e-6))
-                else:
-                    b = prepared.baseline_harmonised.array.astype(np.float32)
-                    f = prepared.followup_harmonised.array.astype(np.float32)
-                diff = np.where(prepared.mask, f - b, 0.0).astype(np.float32)
-                inner = ndimage.binary_erosion(prepared.mask, iterations=4)
-                changes = {c["id"]: c for c in doc.get("changes", [])}
-                components, n = ndimage.label(truth)
-                for k in range(1, n + 1):
-                    component = components == k
-                    if component.sum() < 3:
-                        continue
-                    z, zmax, count, gauss = oracle(diff, inner, component, truth)
-                    ident = _change_at(changes, component, prepared, baseline)
-                    diameter = changes.get(ident, {}).get("diameter_mm", float("nan"))
-                    print(f"{name:6} {patient.id:8} {pair.followup.id:12} {ident:7} {diameter:5.1f} "
-                          f"{int(component.sum()):6d} {z:+6.1f} {zmax:8.1f} {count:10d} {gauss:9.1f}", flush=True)
+                z, zmax, count, gauss = oracle(diff, inner, component, truth)
+                ident = _change_at(changes, component, prepared, baseline)
+                diameter = changes.get(ident, {}).get("diameter_mm", float("nan"))
+                print(f"{name:6} {patient_id:8} {visit:12} {ident:7} {diameter:5.1f} "
+                      f"{int(component.sum()):6d} {z:+6.1f} {zmax:8.1f} {count:10d} {gauss:9.1f}", flush=True)
 
 
 def _change_at(changes: dict, component: np.ndarray, prepared, baseline) -> str:

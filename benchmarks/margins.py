@@ -13,20 +13,12 @@ measured on, so it is an upper bound, not a result.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 import numpy as np
-import SimpleITK as sitk
 
-from longitudinal.compare import encode_prepared, prepare, region_features_prepared
-from longitudinal.evaluation import read_truth
-from longitudinal.io import load_image
-from longitudinal.pipeline import for_image, load
+from longitudinal.compare import encode_prepared, region_features_prepared
 from longitudinal.regions import nearby_components
 from longitudinal.scoring import MAX_SHAPE, ChangeDetector, score_regions
-from longitudinal.timeline import discover, pairs
-
-ROOT = Path(__file__).resolve().parent.parent / "sample_studies"
+from sample_pairs import prepared_pairs
 FINDING_LEVEL = 2.5  # findings are pieces of the score map above this (-log10 p)
 
 
@@ -68,23 +60,15 @@ def main() -> None:
     parser.add_argument("--pipeline", default=None)
     args = parser.parse_args()
     for name in args.sets:
-        root = ROOT / name
         rows = []
         print(f"{name}: {'patient':8} {'follow-up':12} {'tail shape':>10}  true changes (best score) | false findings")
-        for patient in discover(root):
-            for pair in pairs(patient):
-                truth_itk, _ = read_truth(root, patient.id, pair.followup.id)
-                baseline, followup = load_image(pair.baseline.path), load_image(pair.followup.path)
-                pipeline = load(args.pipeline) if args.pipeline else for_image(baseline)
-                prepared = prepare(baseline, followup, pipeline)
-                truth_b = prepared.registration.to_fixed(sitk.Cast(truth_itk, sitk.sitkFloat32))
-                truth = sitk.GetArrayFromImage(truth_b) > 0.5
-                changes, false, shape = pair_margins(prepared, truth)
-                rows.append((changes, false))
-                cap = " (cap)" if shape >= MAX_SHAPE else ""
-                print(f"{name}: {patient.id:8} {pair.followup.id:12} {shape:10.2f}{cap:6} "
-                      f"{' '.join(f'{s:.2f}' for s in sorted(changes, reverse=True)) or '-'} | "
-                      f"{' '.join(f'{s:.2f}' for s in false[:5]) or '-'}", flush=True)
+        for patient_id, visit, prepared, truth, _ in prepared_pairs(name, args.pipeline):
+            changes, false, shape = pair_margins(prepared, truth)
+            rows.append((changes, false))
+            cap = " (cap)" if shape >= MAX_SHAPE else ""
+            print(f"{name}: {patient_id:8} {visit:12} {shape:10.2f}{cap:6} "
+                  f"{' '.join(f'{s:.2f}' for s in sorted(changes, reverse=True)) or '-'} | "
+                  f"{' '.join(f'{s:.2f}' for s in false[:5]) or '-'}", flush=True)
         n = sum(len(c) for c, _ in rows)
         for budget in (0.0, 0.5, 1.0):
             found, t = best_threshold(rows, budget)
