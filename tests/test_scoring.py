@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +11,12 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from longitudinal.errors import InputError
+from longitudinal.pipeline import load
 from longitudinal.preprocessing import local_correction
 from longitudinal.regions import RegionSettings, component_regions, grid_regions
 from longitudinal.scoring import (ChangeDetector, ScoringSettings, TailCalibration, change_maps, combined_change,
-                                  feature_names, region_features, region_max_map, score_pair, score_regions)
+                                  feature_names, intensity_change, region_features, region_max_map, score_pair,
+                                  score_regions)
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_studies"
 
@@ -116,7 +119,7 @@ def _sample_pair(lesion: bool, seed: int):
 def test_score_pair_flags_a_synthetic_lesion_and_little_else():
     b, f, mask, truth = _sample_pair(True, 5)
     regions = _grid(b.shape, mask, size_mm=8.0)
-    s = ScoringSettings(maps=("intensity",), false_alarm_rate=1e-4)  # the pipelines' rate
+    s = dataclasses.replace(load("brain-mri").scoring, maps=("intensity",))  # the shipped rate and surround
     scores = score_pair(b, f, None, None, mask, (1.0, 1.0, 1.0), regions, None, s)
     assert scores.flagged_mask[truth].any()
     comps, n = ndimage.label(scores.flagged_mask)
@@ -152,3 +155,27 @@ def test_component_regions_make_a_synthetic_lesion_one_region_that_scores_highes
     scores = score_regions(X, feature_names(maps), regions, mask, labels, (1.0, 1.0, 1.0), settings)
     assert int(np.argmax(scores.region_scores)) == regions.index(region)
     assert scores.flagged_mask[truth].any()
+
+
+def test_surround_keeps_a_compact_lesion_above_broad_shading():
+    """A 5 mm lesion at -12 % and a broad -4 % shading patch (Gaussian, 5 mm SD) under 3 % noise: pooled alone,
+    the shading stands out more than the lesion; less its 3 mm surround, the lesion does."""
+    rng = np.random.default_rng(0)
+    shape = (64, 64, 64)
+    z, y, x = np.indices(shape)
+    shading = np.exp(-((z - 20) ** 2 + (y - 32) ** 2 + (x - 32) ** 2) / (2 * 5.0 ** 2))
+    lesion = (z - 44) ** 2 + (y - 32) ** 2 + (x - 32) ** 2 <= 2.5 ** 2
+    b = np.full(shape, 100.0)
+    f = b * (1 - 0.04 * shading) * np.where(lesion, 0.88, 1.0)
+    b, f = (a + rng.normal(0, 3, shape) for a in (b, f))
+    mask = np.zeros(shape, bool)
+    mask[4:-4] = True
+    peaks = {}
+    for surround in (0.0, 3.0):
+        m = intensity_change(b.astype(np.float32), f.astype(np.float32), mask, (1.0, 1.0, 1.0),
+                             ScoringSettings(surround_mm=surround))
+        peaks[surround] = (m[40:49, 28:37, 28:37].max(), m[10:31, 22:43, 22:43].max())
+    assert peaks[0.0][1] > peaks[0.0][0]  # the problem: shading outscores the lesion
+    assert peaks[3.0][0] > 1.4 * peaks[3.0][1]  # the surround: the lesion outscores the shading
+    with pytest.raises(ValueError, match="surround_mm"):
+        ScoringSettings(surround_mm=1.0)  # not wider than pool_mm: no surround at all
