@@ -58,10 +58,12 @@ def lesion_metrics(truth: np.ndarray, flagged: np.ndarray, merge_voxels: int = F
 
     Flagged pieces up to 2 x `merge_voxels` apart form one finding, as `compare` reports them
     (a flagged cube's tissue is often cut in two by a sulcus; those pieces are one finding, not two)."""
+    from .regions import nearby_components
+
     truth, flagged = truth.astype(bool), flagged.astype(bool)
     lesions, n = truth_lesions(truth)
     found = sorted(int(v) for v in np.unique(lesions[flagged]) if v > 0)
-    comps, n_flagged = truth_lesions(flagged, merge_voxels)
+    comps, n_flagged = nearby_components(flagged, merge_voxels)
     hits = np.unique(comps[truth & flagged])
     true_findings = int((hits > 0).sum())
     return {

@@ -417,13 +417,6 @@ class PairScores:
     feature_names: tuple[str, ...] = ()
 
 
-def pair_features(baseline, followup, features_b, features_f, mask, spacing_zyx, regions, labels,
-                  settings: ScoringSettings) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Region change features of one pair (what a normative model is fitted on)."""
-    maps = change_maps(baseline, followup, features_b, features_f, mask, spacing_zyx, settings)
-    return region_features(maps, regions, mask, labels), feature_names(maps)
-
-
 def score_pair(
     baseline: np.ndarray,
     followup: np.ndarray,
@@ -437,8 +430,9 @@ def score_pair(
     detector: ChangeDetector | None = None,
 ) -> PairScores:
     """Score every region; `detector` is a fitted normative model, else one is fitted within the pair."""
-    X, names = pair_features(baseline, followup, features_b, features_f, mask, spacing_zyx, regions, labels, settings)
-    return score_regions(X, names, regions, mask, labels, spacing_zyx, settings, detector)
+    maps = change_maps(baseline, followup, features_b, features_f, mask, spacing_zyx, settings)
+    X = region_features(maps, regions, mask, labels)
+    return score_regions(X, feature_names(maps), regions, mask, labels, spacing_zyx, settings, detector)
 
 
 def score_regions(X: np.ndarray, names: tuple[str, ...], regions: list[Region], mask: np.ndarray,
