@@ -101,6 +101,12 @@ def compare(baseline: Image, followup: Image, pipeline: Any = None, detector: An
     `pipeline` is a `pipeline.Pipeline` (None: chosen from the images); `detector` a fitted normative
     `scoring.ChangeDetector` (None: the pipeline's normative model if it names one, else fitted within the pair).
     """
+    from .pipeline import for_image
+    from .scoring import ChangeDetector
+
+    pipeline = pipeline or for_image(baseline)
+    if detector is None and pipeline.scoring.normative_model is not None:
+        detector = ChangeDetector.load(pipeline.scoring.normative_model)  # a bad model file fails before any work
     return score_prepared(prepare(baseline, followup, pipeline), detector)
 
 

@@ -437,7 +437,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 def fit_normative_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("studies", metavar="STUDIES", type=Path, help="folder of studies whose pairs are all stable")
-    p.add_argument("-o", "--out", type=Path, required=True, help="model file to write (e.g. model.pkl)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="model file to write (e.g. model.npz; arrays and JSON, never a pickle)")
     p.add_argument("--pipeline", help="pipeline name or file (default: chosen from the images)")
     p.add_argument("--patients", help="comma-separated patient ids (default: all)")
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,7 +43,6 @@ from sklearn.svm import OneClassSVM
 
 from .encoding import FeatureMap
 from .errors import InputError
-from .io import atomic_write
 from .preprocessing import masked_smooth
 from .regions import Region
 
@@ -57,6 +55,7 @@ MAX_SCORE = 300.0  # -log10 of the smallest p-value reported
 # margin over nuisance was a fraction of a score unit; at 0.3 the stable sample pairs show ~1 finding at 1e-4 per
 # region (2.2 overlapping regions expected) on both brain sets (benchmarks/margins.py, docs/change-detection.md).
 MAX_SHAPE = 0.3
+MODEL_FORMAT = "longitudinal.ChangeDetector"  # normative model files (modelfile: arrays + JSON)
 
 
 @dataclass(frozen=True)
@@ -338,17 +337,23 @@ class ChangeDetector:
         rng = np.random.default_rng(s.seed)
         chosen = np.arange(len(X)) if len(X) <= s.max_fit_regions else np.sort(
             rng.choice(len(X), s.max_fit_regions, replace=False))
-        fit_rows = X[chosen]
+        self._fit_rows(X[chosen], feature_names_)
+        self.fitted_rows_ = chosen  # which rows of X were fitted on, to leave each out of its own score
+        self.calibration_ = TailCalibration.fit(self.raw(X, fitted=True), s.tail_fraction)
+        self.n_fit_ = len(X)
+        return self
+
+    def _fit_rows(self, fit_rows: np.ndarray, feature_names_: tuple[str, ...]) -> "ChangeDetector":
+        """The scaler and the one-class model on these rows (deterministic for a given seed)."""
+        s = self.settings
         self.feature_names_ = tuple(feature_names_)
+        self.fit_rows_ = fit_rows
         self.scaler_ = RobustScaler(quantile_range=(10.0, 90.0)).fit(fit_rows)
         Z = self._scaled(fit_rows)
         if s.detector == "ocsvm":
             self.model_ = OneClassSVM(kernel="rbf", nu=s.nu, gamma=s.gamma).fit(Z)
         else:
             self.model_ = IsolationForest(n_estimators=s.n_estimators, random_state=s.seed).fit(Z)
-        self.fitted_rows_ = chosen  # which rows of X were fitted on, to leave each out of its own score
-        self.calibration_ = TailCalibration.fit(self.raw(X, fitted=True), s.tail_fraction)
-        self.n_fit_ = len(X)
         return self
 
     def _scaled(self, X: np.ndarray) -> np.ndarray:
@@ -380,25 +385,44 @@ class ChangeDetector:
         return self.calibration_.score(self.raw(X))
 
     def save(self, path: str | Path) -> None:
-        state = dict(self.__dict__)
-        state["settings"] = asdict(self.settings)
-        payload = pickle.dumps({"format": "longitudinal.ChangeDetector/2", "state": state})
-        atomic_write(path, lambda tmp: Path(tmp).write_bytes(payload))
+        """Arrays plus JSON (`modelfile`), never a pickle: the rows the model was fitted on, its settings and its
+        calibration. `load` refits on those rows with the same seed, which gives the same model."""
+        from . import modelfile
+
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.settings).items()}
+        cal = self.calibration_
+        meta = {"version": 1, "settings": settings, "feature_names": list(self.feature_names_), "n_fit": self.n_fit_,
+                "calibration": {"u": cal.u, "tail_prob": cal.tail_prob, "shape": cal.shape, "scale": cal.scale}}
+        modelfile.save(path, MODEL_FORMAT, meta, {"fit_rows": self.fit_rows_, "null_sorted": cal.null_sorted})
 
     @classmethod
     def load(cls, path: str | Path) -> "ChangeDetector":
-        path = Path(path)
+        from . import modelfile
+
+        meta, arrays = modelfile.load(path, MODEL_FORMAT)
         try:
-            with open(path, "rb") as f:
-                payload = pickle.load(f)
-            state = dict(payload["state"])
-            if payload.get("format") != "longitudinal.ChangeDetector/2":
-                raise KeyError("format")
-            state["settings"] = ScoringSettings(**state["settings"])
-        except (OSError, pickle.UnpicklingError, KeyError, EOFError, TypeError, AttributeError) as exc:
-            raise InputError(path, f"not a normative model saved by longitudinal ({exc})") from None
-        detector = cls.__new__(cls)
-        detector.__dict__.update(state)
+            if meta["version"] != 1:
+                raise ValueError(f"version {meta['version']!r} is not 1")
+            raw = dict(meta["settings"])
+            raw["maps"] = tuple(raw["maps"])
+            raw["normative_model"] = None
+            settings = ScoringSettings(**raw)
+            names = tuple(str(n) for n in meta["feature_names"])
+            fit_rows = np.asarray(arrays["fit_rows"], np.float64)
+            null = np.asarray(arrays["null_sorted"], np.float64)
+            if fit_rows.ndim != 2 or fit_rows.shape[1] != len(names) or not np.isfinite(fit_rows).all():
+                raise ValueError(f"fit_rows of shape {fit_rows.shape} do not match {len(names)} feature names")
+            if null.ndim != 1 or len(null) < 20 or not np.isfinite(null).all():
+                raise ValueError("calibration sample is empty, too small or not finite")
+            c = meta["calibration"]
+            calibration = TailCalibration(np.sort(null), float(c["u"]), float(c["tail_prob"]), float(c["shape"]),
+                                          float(c["scale"]))
+            n_fit = int(meta["n_fit"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(path, f"normative model file is inconsistent ({type(exc).__name__}: {exc})") from None
+        detector = cls(settings)._fit_rows(fit_rows, names)
+        detector.calibration_ = calibration
+        detector.n_fit_ = n_fit
         return detector
 
 

@@ -115,7 +115,7 @@ def test_fit_normative_on_a_stable_sample_pair(tmp_path, capsys):
     assert 'maps = ["intensity", "subtraction"]' in text
     pipeline = tmp_path / "intensity.toml"
     pipeline.write_text(text)
-    model = tmp_path / "model.pkl"
+    model = tmp_path / "model.npz"
     status = cli.main(["fit-normative", str(SAMPLES / "easy"), "-o", str(model), "--pipeline", str(pipeline),
                        "--patients", "sub-03"])  # sub-03: the easy set's stable patient
     assert status == 0 and "normative model fitted on" in capsys.readouterr().out

@@ -80,7 +80,7 @@ def test_detector_round_trip(tmp_path, detector):
     X = rng.normal(size=(800, 4))
     det = ChangeDetector(ScoringSettings(detector=detector, max_fit_regions=300)).fit(X, ("a", "b", "c", "d"))
     Y = np.vstack([rng.normal(size=(50, 4)), rng.normal(6.0, 1.0, size=(5, 4))])
-    path = tmp_path / "model.pkl"
+    path = tmp_path / "model.npz"
     det.save(path)
     loaded = ChangeDetector.load(path)
     np.testing.assert_array_equal(det.score_samples(Y), loaded.score_samples(Y))
@@ -89,9 +89,9 @@ def test_detector_round_trip(tmp_path, detector):
 
 
 def test_detector_load_rejects_other_files(tmp_path):
-    bad = tmp_path / "model.pkl"
+    bad = tmp_path / "model.npz"
     bad.write_bytes(b"not a pickle")
-    with pytest.raises(InputError, match="model.pkl"):
+    with pytest.raises(InputError, match="model.npz"):
         ChangeDetector.load(bad)
 
 
@@ -179,3 +179,29 @@ def test_surround_keeps_a_compact_lesion_above_broad_shading():
     assert peaks[3.0][0] > 1.4 * peaks[3.0][1]  # the surround: the lesion outscores the shading
     with pytest.raises(ValueError, match="surround_mm"):
         ScoringSettings(surround_mm=1.0)  # not wider than pool_mm: no surround at all
+
+
+def test_a_pickle_payload_named_as_the_normative_model_runs_nothing(tmp_path, capsys):
+    """A pipeline file naming a pickled 'model' must not run its code (pickle.load would)."""
+    import pickle
+
+    from longitudinal import cli
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    model = tmp_path / "model.pkl"
+    model.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(InputError, match="never loaded"):
+        ChangeDetector.load(model)
+    pipeline = tmp_path / "evil.toml"
+    text = (Path(cli.__file__).resolve().parent.parent / "pipelines" / "brain-mri.toml").read_text()
+    pipeline.write_text(text.replace("[scoring]\n", f"[scoring]\nnormative_model = \"{model}\"\n"))
+    base = SAMPLES / "easy/sub-03/ses-01/anat/sub-03_ses-01_T1w.nii.gz"
+    follow = SAMPLES / "easy/sub-03/ses-02/anat/sub-03_ses-02_T1w.nii.gz"
+    status = cli.main(["compare", str(base), str(follow), "-o", str(tmp_path / "out"), "--pipeline", str(pipeline)])
+    assert status == 2 and "model.pkl" in capsys.readouterr().err
+    assert not marker.exists()
