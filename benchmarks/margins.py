@@ -28,7 +28,7 @@ def pair_margins(prepared, truth: np.ndarray) -> tuple[list[float], list[float],
     features_b = features_f = None
     if "encoder" in scoring.maps:
         features_b, features_f, _ = encode_prepared(prepared)
-    X, names, regions, labels = region_features_prepared(prepared, scoring, features_b, features_f)
+    X, names, regions, labels, _ = region_features_prepared(prepared, scoring, features_b, features_f)
     spacing_zyx = tuple(reversed(prepared.baseline.spacing))
     scores = score_regions(X, names, regions, prepared.mask, labels, spacing_zyx, scoring)
     shape = ChangeDetector(scoring).fit(X, names).calibration_.shape

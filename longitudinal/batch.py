@@ -249,7 +249,7 @@ def _visit_name(visit_id: str, task: _Task) -> str:
 def _figures(comparison: Any) -> dict:
     qc = getattr(comparison.registration, "qc", None)
     return {
-        "progression_score": float(comparison.progression_score),
+        "progression_score": None if comparison.progression_score is None else float(comparison.progression_score),
         "progression": bool(comparison.progression),
         "registration_suspect": bool(getattr(qc, "suspect", False)),
         "n_flagged": sum(1 for r in comparison.regions if r.flagged),

@@ -179,10 +179,15 @@ def _compare(args: argparse.Namespace) -> int:
     uids = [None if u in (None, "-") else u for u in (args.series_uid or [None, None])]
     comparison = compare(load_image(args.baseline, uids[0]), load_image(args.followup, uids[1]), pipeline)
     paths = write_outputs(comparison, args.out, deidentify=args.deidentify)
-    flagged = sum(1 for r in comparison.regions if r.flagged)
+    for warning in comparison.warnings:
+        log.warning("%s", warning)
+    if comparison.verdict == "not comparable":
+        print(f"NOT COMPARABLE: {comparison.reason}; report: {paths['report']}")
+        return EXIT_OK
+    n = len(comparison.findings)
     verdict = "PROGRESSION" if comparison.progression else "no progression"
     print(f"{verdict}: score {comparison.progression_score:.2f} (threshold {comparison.threshold:.2f}), "
-          f"{flagged} region(s) flagged; report: {paths['report']}")
+          f"{n} finding{'' if n == 1 else 's'}; report: {paths['report']}")
     return EXIT_OK
 
 

@@ -1,31 +1,49 @@
-"""One baseline/follow-up comparison: every stage in order, and the result the reports are made from."""
+"""One baseline/follow-up comparison: every stage in order, and the result the reports are made from.
+
+A verdict has three states. "not comparable" comes before any scoring when the tool cannot compare: the
+registration failed its quality control, or the visits share too little of the field of view. Two inputs with
+the same pixel data are reported as identical, with registration skipped.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import SimpleITK as sitk
 
 from .io import Image
 
-FINDING_MERGE_MM = 3.0  # flagged pieces at most this far apart are one finding
+if TYPE_CHECKING:
+    from .encoding import EncoderSettings, FeatureMap
+    from .pipeline import Pipeline
+    from .regions import Region
+    from .registration import Registration
+    from .scoring import ChangeDetector, ScoringSettings
+
+Verdict = Literal["progression", "no progression", "not comparable"]
+VERDICTS: tuple[Verdict, ...] = ("progression", "no progression", "not comparable")
 
 
 @dataclass(frozen=True)
 class ScoredRegion:
-    """A region of the baseline grid with its change score."""
+    """A flagged finding (changed tissue, measured) or, for context, an unflagged region with its score."""
 
     id: int
     label: str
     centre_mm: tuple[float, ...]  # physical (LPS) point on the baseline grid
     bbox: tuple[tuple[int, ...], tuple[int, ...]]  # voxel index (x, y[, z]) lo inclusive, hi exclusive, baseline grid
-    volume_mm3: float
+    volume_mm3: float  # findings: the changed tissue; regions: the region's foreground (2D: mm2)
     score: float  # calibrated: higher = more change; flagged when above the threshold
     flagged: bool
     stats: dict[str, float] = field(default_factory=dict)  # region change statistics, with units in the key name
+    diameter_mm: float | None = None  # findings: largest extent of the changed tissue
+    mean_change_pct: float | None = None  # findings: mean intensity change, % of the baseline (+: brighter)
+    n_voxels: int | None = None  # findings: voxels of changed tissue on the baseline grid
+    centre_index: tuple[int, ...] | None = None  # voxel index (x, y[, z]) of the centre on the baseline grid
 
 
 @dataclass(frozen=True)
@@ -39,17 +57,28 @@ class Comparison:
     followup_harmonised: Image  # what the encoder saw, baseline grid
     change_map_baseline: Image  # score per voxel, baseline grid (for overlays)
     change_map: Image  # score per voxel, follow-up's own grid
-    flagged_mask: Image  # uint8, follow-up's own grid
-    regions: tuple[ScoredRegion, ...]
-    progression_score: float
+    flagged_mask: Image  # uint8, follow-up's own grid: the changed tissue of every finding
+    regions: tuple[ScoredRegion, ...]  # findings (flagged, numbered 1..n by score) then the top other regions
+    progression_score: float | None  # None when not comparable
     progression: bool
     threshold: float
     false_alarm_rate: float
-    registration: Any  # registration.Registration: transform, qc
-    pipeline: Any  # pipeline.Pipeline
+    registration: Registration
+    pipeline: Pipeline
     encoder: dict[str, str]  # name, weights path, sha256
     timings_s: dict[str, float]
     regions_scored: int = 0  # every region the detector scored; `regions` lists the flagged and the top others
+    verdict: Verdict = "no progression"
+    warnings: tuple[str, ...] = ()  # plain sentences for the reader
+    reason: str | None = None  # why the pair is not comparable, one sentence
+    identical: bool = False  # the two inputs hold the same pixel data
+    analysis_mask: Image | None = None  # uint8, baseline grid: the voxels compared (both visits imaged them)
+    finding_labels: Image | None = None  # uint16, follow-up grid: finding id per voxel, 0 elsewhere
+    finding_labels_baseline: Image | None = None  # uint16, baseline grid
+
+    @property
+    def findings(self) -> tuple[ScoredRegion, ...]:
+        return tuple(r for r in self.regions if r.flagged)
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,35 +88,53 @@ class Prepared:
 
     baseline: Image
     followup: Image
-    registration: Any
+    registration: Registration
     baseline_harmonised: Image
     followup_harmonised: Image
-    mask: np.ndarray  # baseline grid, numpy order
-    regions: list | None  # None: components, made from the change maps when the pair is scored
+    mask: np.ndarray  # baseline grid, numpy order: the voxels compared (foreground both visits imaged)
+    regions: list[Region] | None  # None: components, made from the change maps when the pair is scored
     labels: np.ndarray | None
-    pipeline: Any
+    pipeline: Pipeline
     timings_s: dict[str, float]
+    reason: str | None = None  # set when the pair cannot be compared: nothing is scored
+    identical: bool = False  # the inputs hold the same pixel data: nothing is scored, nothing changed
 
 
-def prepare(baseline: Image, followup: Image, pipeline: Any = None) -> Prepared:
-    """Register, mask, harmonise, make regions."""
+def identical_pixels(a: Image, b: Image) -> bool:
+    """Same size, channels and voxel values (geometry aside): one scan given twice."""
+    if a.size != b.size or a.itk.GetNumberOfComponentsPerPixel() != b.itk.GetNumberOfComponentsPerPixel():
+        return False
+    return bool(np.array_equal(sitk.GetArrayViewFromImage(a.itk), sitk.GetArrayViewFromImage(b.itk)))
+
+
+def prepare(baseline: Image, followup: Image, pipeline: Pipeline | None = None) -> Prepared:
+    """Register, mask, harmonise, make regions; stop early (with `reason`) when the pair cannot be compared."""
     from .pipeline import for_image
     from .preprocessing import harmonise, mask_array, match_resolution
     from .regions import make_regions
-    from .registration import register
+    from .registration import identity_registration, register
 
     pipeline = pipeline or for_image(baseline)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    registration = register(baseline, followup, pipeline.registration, pipeline.preprocessing)
+    identical = identical_pixels(baseline, followup)
+    if identical:
+        registration = identity_registration(baseline, followup, pipeline.preprocessing)
+    else:
+        registration = register(baseline, followup, pipeline.registration, pipeline.preprocessing)
     timings["registration"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
-    mask_itk = registration.fixed_mask  # the baseline's body mask, already made by the registration
+    mask_itk = _analysis_mask(registration, pipeline.registration.fov_margin_mm)
+    mask = mask_array(mask_itk)
+    reason = _not_comparable(registration, mask)
+    if reason is not None or identical:  # nothing to score: keep the images as they are for the report
+        timings["preprocessing"] = round(time.perf_counter() - clock, 3)
+        return Prepared(baseline, followup, registration, baseline, registration.registered, mask, [], None, pipeline,
+                        timings, reason, identical)
     base_in, follow_in = baseline, registration.registered
     if pipeline.preprocessing.match_resolution:
         base_in, follow_in = match_resolution(baseline, followup, registration)
     base_h, follow_h = harmonise(base_in, follow_in, mask_itk, pipeline.preprocessing)
-    mask = mask_array(mask_itk)
     timings["preprocessing"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
     regions, labels = make_regions(baseline.itk, mask, pipeline.regions)
@@ -95,7 +142,25 @@ def prepare(baseline: Image, followup: Image, pipeline: Any = None) -> Prepared:
     return Prepared(baseline, followup, registration, base_h, follow_h, mask, regions, labels, pipeline, timings)
 
 
-def compare(baseline: Image, followup: Image, pipeline: Any = None, detector: Any = None) -> Comparison:
+def _analysis_mask(registration: Registration, margin_mm: float) -> sitk.Image:
+    """The baseline's foreground that the follow-up imaged too (its field of view and its own foreground)."""
+    covered = registration.coverage(margin_mm)
+    moving_fg = registration.to_fixed(registration.moving_mask, sitk.sitkNearestNeighbor, 0)
+    both = sitk.And(sitk.And(registration.fixed_mask > 0, covered > 0), moving_fg > 0)
+    return sitk.Cast(both, sitk.sitkUInt8)
+
+
+def _not_comparable(registration: Registration, mask: np.ndarray) -> str | None:
+    qc = registration.qc
+    if qc.suspect:
+        return "registration failed its quality control (" + "; ".join(qc.reasons) + ")"
+    if mask.sum() < 100:
+        return "the two visits share almost no imaged foreground"
+    return None
+
+
+def compare(baseline: Image, followup: Image, pipeline: Pipeline | None = None,
+            detector: ChangeDetector | None = None) -> Comparison:
     """Register, harmonise, encode, score: the follow-up against the baseline.
 
     `pipeline` is a `pipeline.Pipeline` (None: chosen from the images); `detector` a fitted normative
@@ -110,7 +175,8 @@ def compare(baseline: Image, followup: Image, pipeline: Any = None, detector: An
     return score_prepared(prepare(baseline, followup, pipeline), detector)
 
 
-def encode_prepared(prepared: Prepared, encoder_settings: Any = None):
+def encode_prepared(prepared: Prepared, encoder_settings: EncoderSettings | None = None
+                    ) -> tuple[FeatureMap, FeatureMap, dict[str, str]]:
     """Dense features of both harmonised visits (encoder settings default to the pipeline's)."""
     from .encoding import Encoder
 
@@ -121,16 +187,20 @@ def encode_prepared(prepared: Prepared, encoder_settings: Any = None):
     return features_b, features_f, {k: ("" if v is None else str(v)) for k, v in encoder.describe().items()}
 
 
-def score_prepared(prepared: Prepared, detector: Any = None, encoder_settings: Any = None,
-                   scoring_settings: Any = None, features: tuple | None = None) -> Comparison:
+def score_prepared(prepared: Prepared, detector: ChangeDetector | None = None,
+                   encoder_settings: EncoderSettings | None = None, scoring_settings: ScoringSettings | None = None,
+                   features: tuple[FeatureMap, FeatureMap, dict[str, str]] | None = None) -> Comparison:
     """Encode (when the scoring uses encoder features) and score a prepared pair.
 
     `encoder_settings` / `scoring_settings` override the pipeline's (the evaluation's baselines);
     `features` = (features_b, features_f, encoder description) already computed for this pair."""
-    from .scoring import ChangeDetector, score_regions
+    from .findings import outline
+    from .scoring import region_max_map, score_regions
 
     pipeline = prepared.pipeline
     scoring = scoring_settings or pipeline.scoring
+    if prepared.reason is not None or prepared.identical:
+        return _without_scores(prepared, scoring)
     baseline, followup, registration = prepared.baseline, prepared.followup, prepared.registration
     mask = prepared.mask
     timings = dict(prepared.timings_s)
@@ -141,21 +211,34 @@ def score_prepared(prepared: Prepared, detector: Any = None, encoder_settings: A
         features_b, features_f, encoder_info = features or encode_prepared(prepared, encoder_settings)
     timings["encoding"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
-    if detector is None and scoring.normative_model is not None:
-        detector = ChangeDetector.load(scoring.normative_model)
-    X, names, regions, labels = region_features_prepared(prepared, scoring, features_b, features_f)
+    X, names, regions, labels, maps = region_features_prepared(prepared, scoring, features_b, features_f)
     spacing_zyx = tuple(reversed(baseline.spacing))
     scores = score_regions(X, names, regions, mask, labels, spacing_zyx, scoring, detector)
     timings["scoring"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
-
+    # the highest-scoring region holding each voxel: the largest score rank, mapped back to the region
+    order = np.argsort(scores.region_scores, kind="stable")
+    rank = np.empty(len(order), np.float32)
+    rank[order] = np.arange(len(order), dtype=np.float32)
+    top = region_max_map(regions, rank, mask, labels, fill=-1).astype(np.int64)
+    region_of_voxel = np.where(top >= 0, order[np.maximum(top, 0)], -1)
+    found = outline(scores.flagged_mask, maps.signed, mask, region_of_voxel, scores.region_scores,
+                    _gray(prepared.baseline_harmonised.array), _gray(prepared.followup_harmonised.array),
+                    spacing_zyx, scoring.merge_mm)
+    labels_b = np.zeros(mask.shape, np.uint16)
+    for k, finding in enumerate(found, start=1):
+        labels_b[tuple(finding.voxels.T)] = k
+    timings["findings"] = round(time.perf_counter() - clock, 3)
+    clock = time.perf_counter()
     change_map_baseline = _on_grid(scores.voxel_map, baseline)
-    flagged_baseline = _on_grid(scores.flagged_mask.astype(np.uint8), baseline)
+    labels_baseline = _on_grid(labels_b, baseline)
     change_map = registration.to_moving(change_map_baseline, followup, sitk.sitkLinear)
-    flagged_mask = registration.to_moving(flagged_baseline, followup, sitk.sitkNearestNeighbor)
-    flagged_mask = flagged_mask.with_itk(sitk.Cast(flagged_mask.itk, sitk.sitkUInt8))
+    finding_labels = registration.to_moving(labels_baseline, followup, sitk.sitkNearestNeighbor)
+    finding_labels = finding_labels.with_itk(sitk.Cast(finding_labels.itk, sitk.sitkUInt16))
+    flagged_mask = finding_labels.with_itk(sitk.Cast(finding_labels.itk > 0, sitk.sitkUInt8))
     timings["mapping"] = round(time.perf_counter() - clock, 3)
-    scored = _scored_regions(regions, scores, mask, labels, baseline)
+    scored = _finding_rows(found, baseline, scores) + _context_rows(regions, scores, len(found))
+    progression = bool(found)
     return Comparison(
         baseline=baseline,
         followup=followup,
@@ -167,7 +250,7 @@ def score_prepared(prepared: Prepared, detector: Any = None, encoder_settings: A
         flagged_mask=flagged_mask,
         regions=scored,
         progression_score=float(scores.region_scores.max()) if len(regions) else 0.0,
-        progression=bool(scores.flagged_mask.any()),
+        progression=progression,
         threshold=scores.threshold,
         false_alarm_rate=scoring.false_alarm_rate,
         registration=registration,
@@ -175,13 +258,55 @@ def score_prepared(prepared: Prepared, detector: Any = None, encoder_settings: A
         encoder=encoder_info,
         timings_s=timings,
         regions_scored=len(regions),
+        verdict="progression" if progression else "no progression",
+        warnings=_warnings(prepared),
+        analysis_mask=_on_grid(mask.astype(np.uint8), baseline),
+        finding_labels=finding_labels,
+        finding_labels_baseline=labels_baseline,
     )
 
 
-def region_features_prepared(prepared: Prepared, scoring: Any, features_b=None, features_f=None):
-    """(X, feature names, regions, labels) of a prepared pair: the change maps pooled over its regions.
+def _warnings(prepared: Prepared) -> tuple[str, ...]:
+    out = []
+    if prepared.identical:
+        out.append("The two inputs hold identical pixel data: the same scan was given twice, so nothing changed "
+                   "and registration was skipped.")
+    if prepared.reason is not None:
+        out.append(f"Not comparable: {prepared.reason}.")
+    shared = prepared.registration.qc.shared_fraction
+    if shared < 0.999:
+        out.append(f"The follow-up imaged {100 * shared:.0f} % of the baseline's foreground; only the part both "
+                   "visits imaged was compared.")
+    return tuple(out)
 
-    Component regions are made here, from the change maps themselves."""
+
+def _without_scores(prepared: Prepared, scoring: ScoringSettings) -> Comparison:
+    """A pair with nothing to score: identical inputs (no progression, score 0) or a pair that cannot be compared
+    (no score, no verdict on change). Its images and registration, an empty change map, no findings."""
+    baseline, followup = prepared.baseline, prepared.followup
+    zero_b = _on_grid(np.zeros(prepared.mask.shape, np.float32), baseline)
+    zero_f = prepared.registration.to_moving(zero_b, followup, sitk.sitkNearestNeighbor)
+    labels_b = zero_b.with_itk(sitk.Cast(zero_b.itk, sitk.sitkUInt16))
+    labels_f = zero_f.with_itk(sitk.Cast(zero_f.itk, sitk.sitkUInt16))
+    return Comparison(
+        baseline=baseline, followup=followup, registered=prepared.registration.registered,
+        baseline_harmonised=prepared.baseline_harmonised, followup_harmonised=prepared.followup_harmonised,
+        change_map_baseline=zero_b, change_map=zero_f,
+        flagged_mask=zero_f.with_itk(sitk.Cast(zero_f.itk, sitk.sitkUInt8)), regions=(),
+        progression_score=None if prepared.reason else 0.0, progression=False, threshold=scoring.threshold,
+        false_alarm_rate=scoring.false_alarm_rate, registration=prepared.registration, pipeline=prepared.pipeline,
+        encoder={"name": "none"}, timings_s=dict(prepared.timings_s), regions_scored=0,
+        verdict="not comparable" if prepared.reason else "no progression", warnings=_warnings(prepared),
+        reason=prepared.reason, identical=prepared.identical,
+        analysis_mask=_on_grid(prepared.mask.astype(np.uint8), baseline), finding_labels=labels_f,
+        finding_labels_baseline=labels_b,
+    )
+
+
+def region_features_prepared(prepared: Prepared, scoring: ScoringSettings, features_b: FeatureMap | None = None,
+                             features_f: FeatureMap | None = None):
+    """(X, feature names, regions, labels, change maps) of a prepared pair: the change maps pooled over its
+    regions. Component regions are made here, from the change maps themselves."""
     from .regions import component_regions
     from .scoring import change_maps, combined_change, feature_names, region_features
 
@@ -191,9 +316,10 @@ def region_features_prepared(prepared: Prepared, scoring: Any, features_b=None, 
     maps = change_maps(b_arr, f_arr, features_b, features_f, prepared.mask, spacing_zyx, scoring)
     regions, labels = prepared.regions, prepared.labels
     if regions is None:
-        regions, labels = component_regions(prepared.baseline.itk, prepared.mask, combined_change(maps),
+        regions, labels = component_regions(prepared.baseline.itk, prepared.mask, combined_change(maps.maps),
                                             prepared.pipeline.regions)
-    return region_features(maps, regions, prepared.mask, labels), feature_names(maps), regions, labels
+    X = region_features(maps.maps, regions, prepared.mask, labels)
+    return X, feature_names(maps.maps), regions, labels, maps
 
 
 def _gray(array: np.ndarray) -> np.ndarray:
@@ -206,43 +332,31 @@ def _on_grid(array: np.ndarray, reference: Image) -> Image:
     return reference.with_itk(itk)
 
 
-def _scored_regions(regions, scores, mask, labels, reference: Image, context: int = 20) -> tuple[ScoredRegion, ...]:
-    """Flagged changes merged into connected findings, then the highest-scoring unflagged regions for context."""
-    from scipy import ndimage
-
-    from .regions import nearby_components
-
-    out: list[ScoredRegion] = []
-    voxel_mm3 = float(np.prod(reference.spacing))
-    # pieces of flagged tissue a few mm apart (one cube cut by a sulcus, a lesion's rim) are one finding
-    steps = max(1, round(FINDING_MERGE_MM / 2 / min(reference.spacing)))  # both pieces grow by half the gap
-    components, _ = nearby_components(scores.flagged_mask, steps)
-    region_of_voxel = np.full(mask.shape, -1, np.int64)
-    order = np.argsort(scores.region_scores)  # ascending, so the best-scoring region wins each voxel
-    for i in order:
-        region_of_voxel[regions[i].slices()][regions[i].members(mask, labels)] = i
-    for k, box in enumerate(ndimage.find_objects(components), start=1):
-        inside = components[box] == k
-        owners = np.unique(region_of_voxel[box][inside])
-        owners = owners[owners >= 0]
-        best = int(owners[np.argmax(scores.region_scores[owners])])
-        where = np.argwhere(inside) + [b.start for b in box]
-        centre = reference.itk.TransformContinuousIndexToPhysicalPoint([float(v) for v in where.mean(0)[::-1]])
+def _finding_rows(found, reference: Image, scores) -> tuple[ScoredRegion, ...]:
+    out = []
+    for k, f in enumerate(found, start=1):
+        centre_zyx = f.voxels.mean(0)
+        centre = reference.itk.TransformContinuousIndexToPhysicalPoint([float(v) for v in centre_zyx[::-1]])
+        lo, hi = f.voxels.min(0), f.voxels.max(0) + 1
         out.append(ScoredRegion(
-            id=len(out) + 1, label=f"change in {regions[best].label}" if regions[best].value is not None else "change",
-            centre_mm=tuple(round(c, 2) for c in centre),
-            bbox=(tuple(int(b.start) for b in reversed(box)), tuple(int(b.stop) for b in reversed(box))),
-            volume_mm3=round(len(where) * voxel_mm3, 2),
-            score=round(float(scores.region_scores[best]), 3), flagged=True, stats=_stats(scores, best),
-        ))
-    unflagged = [i for i in np.argsort(-scores.region_scores) if scores.region_scores[i] <= scores.threshold][:context]
-    for i in unflagged:
-        r = regions[i]
-        out.append(ScoredRegion(
-            id=len(out) + 1, label=r.label, centre_mm=r.centre_mm, bbox=r.bbox, volume_mm3=r.volume_mm3,
-            score=round(float(scores.region_scores[i]), 3), flagged=False, stats=_stats(scores, i),
+            id=k, label="change", centre_mm=tuple(round(c, 2) for c in centre),
+            bbox=(tuple(int(v) for v in lo[::-1]), tuple(int(v) for v in hi[::-1])),
+            volume_mm3=round(f.volume_mm3, 2), score=round(f.score, 3), flagged=True,
+            stats=_stats(scores, f.region) if f.region >= 0 else {}, diameter_mm=round(f.diameter_mm, 2),
+            mean_change_pct=round(f.mean_change_pct, 2) if math.isfinite(f.mean_change_pct) else None,
+            n_voxels=int(len(f.voxels)), centre_index=tuple(int(round(v)) for v in centre_zyx[::-1]),
         ))
     return tuple(out)
+
+
+def _context_rows(regions, scores, first_id: int, context: int = 20) -> tuple[ScoredRegion, ...]:
+    """The highest-scoring unflagged regions, for context."""
+    unflagged = [i for i in np.argsort(-scores.region_scores) if scores.region_scores[i] <= scores.threshold][:context]
+    return tuple(ScoredRegion(
+        id=first_id + k, label=regions[i].label, centre_mm=regions[i].centre_mm, bbox=regions[i].bbox,
+        volume_mm3=regions[i].volume_mm3, score=round(float(scores.region_scores[i]), 3), flagged=False,
+        stats=_stats(scores, i),
+    ) for k, i in enumerate(unflagged, start=1))
 
 
 def _stats(scores, i: int) -> dict[str, float]:

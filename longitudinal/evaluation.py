@@ -405,7 +405,7 @@ def fit_normative(studies: str | os.PathLike, out: str | os.PathLike, pipeline: 
             fb = ff = None
             if "encoder" in settings.maps:
                 fb, ff, _ = encode_prepared(prepared)
-            X, names, _, _ = region_features_prepared(prepared, settings, fb, ff)
+            X, names, _, _, _ = region_features_prepared(prepared, settings, fb, ff)
             rows.append(X)
             log.info("normative: %d regions from one pair", len(X))
     if not rows:

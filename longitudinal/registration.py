@@ -73,6 +73,9 @@ class RegistrationSettings:
     qc_max_anisotropy: float = 1.3  # ratio of largest to smallest singular value (shear/squash)
     qc_max_translation_fraction: float = 0.25  # of the fixed field-of-view diagonal
     qc_metric_tolerance: float = 0.01  # relative: final MI may not be worse than identity by more
+    # fraction of the baseline's foreground that the follow-up imaged too: below it there is too little to compare
+    qc_min_shared_fraction: float = 0.5
+    fov_margin_mm: float = 2.0  # voxels this close to the edge of either field of view are not compared
 
     def __post_init__(self) -> None:
         for name in ("stages", "shrink_factors", "smoothing_sigmas_mm", "bspline_shrink_factors", "bspline_smoothing_sigmas_mm"):
@@ -112,6 +115,7 @@ class RegistrationQC:
     init: str
     suspect: bool
     reasons: tuple[str, ...] = ()
+    shared_fraction: float = 1.0  # of the fixed foreground, the part inside the moving image's field of view
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -129,6 +133,8 @@ class Registration:
     qc: RegistrationQC
     fixed_reference: sitk.Image = field(repr=False)  # grid of the fixed image (voxels not needed)
     fixed_mask: sitk.Image | None = field(default=None, repr=False)  # the baseline's body mask registration used
+    moving_mask: sitk.Image | None = field(default=None, repr=False)  # the follow-up's, on the follow-up's grid
+    moving_reference: sitk.Image | None = field(default=None, repr=False)  # grid of the moving image
 
     @functools.cached_property
     def inverse(self) -> sitk.Transform:
@@ -153,6 +159,25 @@ class Registration:
         ref = moving_reference.itk if isinstance(moving_reference, Image) else moving_reference
         out = sitk.Resample(itk, ref, self.inverse, interpolator, default)
         return map_on_fixed_grid.with_itk(out) if isinstance(map_on_fixed_grid, Image) else out
+
+    def coverage(self, margin_mm: float = 0.0) -> sitk.Image:
+        """uint8 on the fixed grid: 1 where the follow-up imaged the same tissue, at least `margin_mm` inside both
+        fields of view. Beyond it the resampled follow-up is extrapolated (or zero), so nothing there is change."""
+        if self.moving_reference is None:
+            raise ValueError("this registration does not know the follow-up's grid")
+        ones = sitk.Image(self.moving_reference.GetSize(), sitk.sitkFloat32) + 1.0
+        ones.CopyInformation(self.moving_reference)
+        inside = sitk.Resample(ones, self.fixed_reference, self.transform, sitk.sitkLinear, 0.0) >= 0.999
+        inside = sitk.Cast(inside, sitk.sitkUInt8)
+        if margin_mm > 0:
+            size = inside.GetSize()
+            radius = [max(1, int(round(margin_mm / sp))) if n > 1 else 0 for n, sp in zip(size, inside.GetSpacing())]
+            # the fixed grid's own edge counts as an edge too
+            padded = sitk.ConstantPad(inside, [1 if n > 1 else 0 for n in size], [1 if n > 1 else 0 for n in size], 0)
+            eroded = sitk.BinaryErode(padded, radius, sitk.sitkBox, 0, 1)
+            inside = sitk.RegionOfInterest(eroded, size, [1 if n > 1 else 0 for n in size])
+            inside.CopyInformation(self.fixed_reference)
+        return inside
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write registered.nii.gz, transform.tfm and qc.json into folder, each atomically."""
@@ -431,12 +456,13 @@ def _quality(fixed_gray, moving_gray, fixed_mask, moving_mask, transform, settin
         dice = float(2.0 * np.logical_and(fm, mm).sum() / denom) if denom else 0.0
         mg = sitk.GetArrayFromImage(sitk.Resample(m_small, f_small, tx, sitk.sitkLinear, 0.0))[fmask]
         ok = inside[fmask]
-        return dice, (_ncc(farr[ok], mg[ok].astype(np.float64)) if ok.sum() > 10 else 0.0)
+        shared = float(ok.mean()) if ok.size else 0.0
+        return dice, (_ncc(farr[ok], mg[ok].astype(np.float64)) if ok.sum() > 10 else 0.0), shared
 
     m_final, m_ident = metric(transform), metric(identity)
-    dice, ncc = overlap(transform)
+    dice, ncc, shared = overlap(transform)
     try:
-        idice, incc = overlap(identity)
+        idice, incc, _ = overlap(identity)
     except RuntimeError:
         idice, incc = 0.0, 0.0
 
@@ -462,6 +488,9 @@ def _quality(fixed_gray, moving_gray, fixed_mask, moving_mask, transform, settin
             reasons.append(f"extreme shear/anisotropic scaling in the affine (ratio {anisotropy:.2f} > {settings.qc_max_anisotropy:g})")
         if translation > settings.qc_max_translation_fraction * diag:
             reasons.append(f"huge translation ({translation:.1f} mm > {settings.qc_max_translation_fraction:g} of the field of view)")
+    if shared < settings.qc_min_shared_fraction:
+        reasons.append(f"the follow-up imaged only {100 * shared:.0f} % of the baseline's foreground "
+                       f"(< {100 * settings.qc_min_shared_fraction:.0f} %)")
     if dice < settings.qc_min_dice:
         reasons.append(f"low overlap: foreground Dice {dice:.3f} < {settings.qc_min_dice:g}")
     if ncc < settings.qc_min_ncc:
@@ -473,7 +502,7 @@ def _quality(fixed_gray, moving_gray, fixed_mask, moving_mask, transform, settin
     return RegistrationQC(
         metric=m_final, identity_metric=m_ident, dice=dice, identity_dice=idice, ncc=ncc, identity_ncc=incc,
         max_scale=max_scale, anisotropy=anisotropy, translation_mm=translation, seconds=seconds,
-        stages=tuple(stages), init=init, suspect=bool(reasons), reasons=tuple(reasons),
+        stages=tuple(stages), init=init, suspect=bool(reasons), reasons=tuple(reasons), shared_fraction=shared,
     )
 
 
@@ -583,7 +612,46 @@ def register(
     if qc.suspect:
         log.warning("registration suspect: %s", "; ".join(qc.reasons))
     log.info("registered in %.1f s (%s), Dice %.3f, NCC %.3f", qc.seconds, "+".join(stages_run), qc.dice, qc.ncc)
-    reference = sitk.Image(fixed.itk.GetSize(), sitk.sitkUInt8)
-    reference.CopyInformation(fixed.itk)
-    return Registration(transform=tx, registered=moving.with_itk(registered), qc=qc, fixed_reference=reference,
-                        fixed_mask=f_mask_body)
+    return Registration(transform=tx, registered=moving.with_itk(registered), qc=qc, fixed_reference=_grid(fixed.itk),
+                        fixed_mask=f_mask_body, moving_mask=m_mask_body, moving_reference=_grid(moving.itk))
+
+
+def _grid(itk: sitk.Image) -> sitk.Image:
+    """An empty uint8 image on the same grid (geometry only)."""
+    reference = sitk.Image(itk.GetSize(), sitk.sitkUInt8)
+    reference.CopyInformation(itk)
+    return reference
+
+
+def grid_to_grid(fixed: sitk.Image, moving: sitk.Image) -> sitk.AffineTransform:
+    """The transform that maps each fixed voxel's physical point to the same voxel index of the moving grid:
+    identity when the two grids are the same; how two files holding the same pixel data correspond."""
+    dim = fixed.GetDimension()
+
+    def affine(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:  # index -> physical
+        d = np.array(img.GetDirection()).reshape(dim, dim) * np.array(img.GetSpacing())
+        return d, np.array(img.GetOrigin())
+
+    af, of = affine(fixed)
+    am, om = affine(moving)
+    matrix = am @ np.linalg.inv(af)
+    tx = sitk.AffineTransform(dim)
+    tx.SetMatrix(matrix.ravel().tolist())
+    tx.SetTranslation((om - matrix @ of).tolist())
+    return tx
+
+
+def identity_registration(fixed: Image, moving: Image,
+                          mask_settings: PreprocessingSettings = PreprocessingSettings()) -> Registration:
+    """The registration of two images that hold the same pixel data: voxel to voxel, nothing optimised."""
+    t0 = time.perf_counter()
+    tx = grid_to_grid(fixed.itk, moving.itk)
+    registered = sitk.Resample(moving.itk, fixed.itk, tx, sitk.sitkNearestNeighbor, 0.0)
+    f_mask = foreground_mask(luminance(fixed.itk), mask_settings)
+    m_mask = foreground_mask(luminance(moving.itk), mask_settings)
+    qc = RegistrationQC(metric=math.nan, identity_metric=math.nan, dice=1.0, identity_dice=1.0, ncc=1.0,
+                        identity_ncc=1.0, max_scale=1.0, anisotropy=1.0, translation_mm=0.0,
+                        seconds=time.perf_counter() - t0, stages=("none: identical pixel data",), init="grid",
+                        suspect=False)
+    return Registration(transform=tx, registered=moving.with_itk(registered), qc=qc, fixed_reference=_grid(fixed.itk),
+                        fixed_mask=f_mask, moving_mask=m_mask, moving_reference=_grid(moving.itk))

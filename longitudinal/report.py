@@ -1021,8 +1021,12 @@ def write_outputs(
     if deidentify:
         registration["reasons"] = [scrub(r, secrets) for r in registration["reasons"]]
     result: dict[str, Any] = {
-        "progression_score": float(comparison.progression_score),
+        "progression_score": None if comparison.progression_score is None else float(comparison.progression_score),
         "progression": bool(comparison.progression),
+        "verdict": comparison.verdict,
+        "reason": comparison.reason,
+        "warnings": list(comparison.warnings),
+        "identical_inputs": comparison.identical,
         "threshold": float(comparison.threshold),
         "false_alarm_rate": float(comparison.false_alarm_rate),
         "n_regions": len(ordered),
@@ -1041,7 +1045,9 @@ def write_outputs(
         "units": UNITS,
         "regions": [
             {"id": r.id, "label": r.label, "centre_mm": list(r.centre_mm), "bbox": [list(r.bbox[0]), list(r.bbox[1])],
-             "volume_mm3": r.volume_mm3, "score": r.score, "flagged": bool(r.flagged), "stats": dict(r.stats)}
+             "volume_mm3": r.volume_mm3, "score": r.score, "flagged": bool(r.flagged), "stats": dict(r.stats),
+             "diameter_mm": r.diameter_mm, "mean_change_pct": r.mean_change_pct, "n_voxels": r.n_voxels,
+             "centre_index": None if r.centre_index is None else list(r.centre_index)}
             for r in ordered
         ],
     }

@@ -82,6 +82,7 @@ class ScoringSettings:
     trim_iterations: int = 3  # within a pair: refit the null without the regions touching suspect ones
     trim_level: float = 2.5  # -log10 p above which a region is suspect (not null) when the null is refitted
     trim_min_volume_mm3: float = 4000.0  # ... if its cluster of suspect regions is at least this large (~16 mm cube)
+    merge_mm: float = 3.0  # flagged tissue at most this far apart is one finding (a cube cut by a sulcus, a rim)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -118,8 +119,11 @@ def _robust_z(values: np.ndarray, inside: np.ndarray) -> np.ndarray:
 
 
 def intensity_change(baseline: np.ndarray, followup: np.ndarray, mask: np.ndarray, spacing_zyx,
-                     settings: "ScoringSettings") -> np.ndarray:
-    """|change| in units of what noise and misalignment alone would produce at each voxel (>= 0)."""
+                     settings: "ScoringSettings") -> tuple[np.ndarray, np.ndarray]:
+    """(|change|, signed change), both in units of what noise and misalignment alone would produce at each voxel.
+
+    The first is the detector's map (less its surround where `surround_mm` is set); the second, pooled over
+    `pool_mm` only, keeps the sign (+: brighter at follow-up) and outlines changed tissue for the findings."""
     inside = mask.astype(bool)
     sp = np.asarray(spacing_zyx, float)
     floor = max(float(np.percentile(baseline[inside], 1)), 1e-3) if inside.any() else 1.0
@@ -136,9 +140,8 @@ def intensity_change(baseline: np.ndarray, followup: np.ndarray, mask: np.ndarra
     # a lesion changes its voxels the same way: pool the signed change over about its size (matched filter)
     z = z.astype(np.float32)
     pooled = masked_smooth(z, inside, settings.pool_mm / sp)
-    if settings.surround_mm > 0:
-        pooled = pooled - masked_smooth(z, inside, settings.surround_mm / sp)
-    return np.abs(pooled).astype(np.float32)
+    band = pooled - masked_smooth(z, inside, settings.surround_mm / sp) if settings.surround_mm > 0 else pooled
+    return np.abs(band).astype(np.float32), np.where(inside, pooled, 0.0).astype(np.float32)
 
 
 def subtraction_change(baseline: np.ndarray, followup: np.ndarray, spacing_zyx, settings: "ScoringSettings") -> np.ndarray:
@@ -178,6 +181,15 @@ def _cells_of(mask: np.ndarray, fm: FeatureMap) -> np.ndarray:
     return m.reshape(shape).any(axis=tuple(range(1, 2 * len(fm.grid_shape), 2)))
 
 
+@dataclass(frozen=True, eq=False)
+class ChangeMaps:
+    """Voxel maps of change on the baseline grid: the detector's features, and the signed change findings are
+    outlined and described with."""
+
+    maps: dict[str, np.ndarray]  # each robustly standardised inside the mask, higher = more change
+    signed: np.ndarray  # signed change in noise units (+: brighter at follow-up), 0 outside the mask
+
+
 def change_maps(
     baseline: np.ndarray,
     followup: np.ndarray,
@@ -186,12 +198,13 @@ def change_maps(
     mask: np.ndarray,
     spacing_zyx: tuple[float, ...],
     settings: ScoringSettings,
-) -> dict[str, np.ndarray]:
+) -> ChangeMaps:
     """Voxel maps of change on the baseline grid, each robustly standardised inside the mask."""
     inside = mask.astype(bool)
     maps: dict[str, np.ndarray] = {}
+    magnitude, signed = intensity_change(baseline, followup, mask, spacing_zyx, settings)
     if "intensity" in settings.maps:
-        maps["intensity"] = _robust_z(intensity_change(baseline, followup, mask, spacing_zyx, settings), inside)
+        maps["intensity"] = _robust_z(magnitude, inside)
     if "subtraction" in settings.maps:
         maps["subtraction"] = _robust_z(subtraction_change(baseline, followup, spacing_zyx, settings), inside)
     if "encoder" in settings.maps:
@@ -199,7 +212,7 @@ def change_maps(
             raise ValueError("scoring.maps includes 'encoder' but no features were given")
         for k, d in enumerate(feature_distances(features_b, features_f, inside), start=1):
             maps[f"encoder_stage{k}"] = _robust_z(d, inside)
-    return maps
+    return ChangeMaps(maps, signed)
 
 
 # --------------------------------------------------------------------------- region features
@@ -454,7 +467,7 @@ def score_pair(
     detector: ChangeDetector | None = None,
 ) -> PairScores:
     """Score every region; `detector` is a fitted normative model, else one is fitted within the pair."""
-    maps = change_maps(baseline, followup, features_b, features_f, mask, spacing_zyx, settings)
+    maps = change_maps(baseline, followup, features_b, features_f, mask, spacing_zyx, settings).maps
     X = region_features(maps, regions, mask, labels)
     return score_regions(X, feature_names(maps), regions, mask, labels, spacing_zyx, settings, detector)
 

@@ -201,7 +201,8 @@ def test_result_json_contract(out3d):
     assert r["threshold"] == THRESHOLD and 0 < r["false_alarm_rate"] < 1
     assert len(r["regions"]) == len(c.regions) > 0
     for reg in r["regions"]:
-        assert set(reg) == {"id", "label", "centre_mm", "bbox", "volume_mm3", "score", "flagged", "stats"}
+        assert set(reg) == {"id", "label", "centre_mm", "bbox", "volume_mm3", "score", "flagged", "stats", "diameter_mm",
+                        "mean_change_pct", "n_voxels", "centre_index"}
         assert len(reg["centre_mm"]) == 3 and len(reg["bbox"]) == 2 and isinstance(reg["flagged"], bool)
     # flagged first, then by score
     keys = [(not g["flagged"], -g["score"]) for g in r["regions"]]

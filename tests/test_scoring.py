@@ -140,7 +140,7 @@ def test_null_pair_flags_about_the_false_alarm_rate(rate):
 def test_component_regions_make_a_synthetic_lesion_one_region_that_scores_highest():
     b, f, mask, truth = _sample_pair(True, 5)
     settings = ScoringSettings(maps=("intensity",), false_alarm_rate=1e-4)
-    maps = change_maps(b, f, None, None, mask, (1.0, 1.0, 1.0), settings)
+    maps = change_maps(b, f, None, None, mask, (1.0, 1.0, 1.0), settings).maps
     ref = sitk.GetImageFromArray(b)
     regions, labels = component_regions(ref, mask, combined_change(maps), RegionSettings(kind="components"))
     assert len(regions) >= 20  # noise blobs: the null the detector learns from
@@ -173,7 +173,7 @@ def test_surround_keeps_a_compact_lesion_above_broad_shading():
     peaks = {}
     for surround in (0.0, 3.0):
         m = intensity_change(b.astype(np.float32), f.astype(np.float32), mask, (1.0, 1.0, 1.0),
-                             ScoringSettings(surround_mm=surround))
+                             ScoringSettings(surround_mm=surround))[0]
         peaks[surround] = (m[40:49, 28:37, 28:37].max(), m[10:31, 22:43, 22:43].max())
     assert peaks[0.0][1] > peaks[0.0][0]  # the problem: shading outscores the lesion
     assert peaks[3.0][0] > 1.4 * peaks[3.0][1]  # the surround: the lesion outscores the shading
