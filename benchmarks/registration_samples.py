@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from longitudinal.io import load_image
 from longitudinal.pipeline import for_image, load
-from longitudinal.preprocessing import foreground_mask
+from longitudinal.masks import foreground_mask
 from longitudinal.registration import register
 from longitudinal.timeline import discover, pairs
 
@@ -52,11 +52,11 @@ def main() -> None:
             for pair in pairs(patient):
                 b, f = load_image(pair.baseline.path), load_image(pair.followup.path)
                 pipeline = load(args.pipeline) if args.pipeline else for_image(b)
-                reg = register(b, f, pipeline.registration, pipeline.preprocessing)
+                reg = register(b, f, pipeline.registration)
                 q = reg.qc
                 truth = root / "derivatives" / "changes" / patient.id
                 mean, p95 = tre(b, reg.transform, truth / pair.baseline.id / "to_anatomy.tfm",
-                                truth / pair.followup.id / "to_anatomy.tfm", foreground_mask(b, pipeline.preprocessing))
+                                truth / pair.followup.id / "to_anatomy.tfm", foreground_mask(b, pipeline.masks))
                 print(f"{name:7s} {patient.id:8s} {pair.followup.id:11s} {q.dice:6.3f} {q.identity_dice:6.3f} "
                       f"{q.ncc:6.3f} {q.identity_ncc:6.3f} {q.metric:7.4f} {q.identity_metric:7.4f} {mean:7.3f} "
                       f"{p95:6.3f} {q.seconds:5.1f}  {'; '.join(q.reasons) if q.suspect else 'no'}", flush=True)

@@ -127,12 +127,16 @@ def _register_arguments(p: argparse.ArgumentParser) -> None:
 
 def _register(args: argparse.Namespace) -> int:
     from .io import load_image
+    from .masks import brain_mask, foreground_mask
     from .pipeline import for_image
     from .registration import register
 
     fixed, moving = load_image(args.fixed), load_image(args.moving)
     pipeline = _pipeline(args.pipeline) or for_image(fixed)
-    result = register(fixed, moving, pipeline.registration, pipeline.preprocessing)
+    masks = pipeline.masks
+    roi = brain_mask(fixed.itk, masks).mask if masks.brain and fixed.dim == 3 else None
+    result = register(fixed, moving, pipeline.registration, foreground_mask(fixed.itk, masks),
+                      foreground_mask(moving.itk, masks), roi)
     result.save(args.out)
     qc = result.qc
     state = "SUSPECT: " + "; ".join(qc.reasons) if qc.suspect else "ok"

@@ -108,9 +108,10 @@ def identical_pixels(a: Image, b: Image) -> bool:
 
 
 def prepare(baseline: Image, followup: Image, pipeline: Pipeline | None = None) -> Prepared:
-    """Register, mask, harmonise, make regions; stop early (with `reason`) when the pair cannot be compared."""
+    """Mask, register, harmonise, make regions; stop early (with `reason`) when the pair cannot be compared."""
+    from .masks import brain_mask, foreground_mask, mask_array
     from .pipeline import for_image
-    from .preprocessing import harmonise, mask_array, match_resolution
+    from .preprocessing import harmonise, match_resolution
     from .regions import make_regions
     from .registration import identity_registration, register
 
@@ -118,15 +119,24 @@ def prepare(baseline: Image, followup: Image, pipeline: Pipeline | None = None) 
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     identical = identical_pixels(baseline, followup)
+    masks = pipeline.masks
+    reason = None
+    roi = None
+    if masks.brain and baseline.dim == 3 and not identical:
+        brain = brain_mask(baseline.itk, masks)
+        roi, reason = brain.mask, brain.problem
+    timings["masks"] = round(time.perf_counter() - clock, 3)
+    clock = time.perf_counter()
     if identical:
-        registration = identity_registration(baseline, followup, pipeline.preprocessing)
+        registration = identity_registration(baseline, followup, masks)
     else:
-        registration = register(baseline, followup, pipeline.registration, pipeline.preprocessing)
+        registration = register(baseline, followup, pipeline.registration, foreground_mask(baseline.itk, masks),
+                                foreground_mask(followup.itk, masks), roi)
     timings["registration"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
     mask_itk = _analysis_mask(registration, pipeline.registration.fov_margin_mm)
     mask = mask_array(mask_itk)
-    reason = _not_comparable(registration, mask)
+    reason = reason or _not_comparable(registration, mask)
     if reason is not None or identical:  # nothing to score: keep the images as they are for the report
         timings["preprocessing"] = round(time.perf_counter() - clock, 3)
         return Prepared(baseline, followup, registration, baseline, registration.registered, mask, [], None, pipeline,
@@ -143,10 +153,11 @@ def prepare(baseline: Image, followup: Image, pipeline: Pipeline | None = None) 
 
 
 def _analysis_mask(registration: Registration, margin_mm: float) -> sitk.Image:
-    """The baseline's foreground that the follow-up imaged too (its field of view and its own foreground)."""
+    """The region to compare (the brain, or the foreground) where the follow-up imaged the same tissue: inside
+    its field of view, away from its edges, and inside its own foreground."""
     covered = registration.coverage(margin_mm)
     moving_fg = registration.to_fixed(registration.moving_mask, sitk.sitkNearestNeighbor, 0)
-    both = sitk.And(sitk.And(registration.fixed_mask > 0, covered > 0), moving_fg > 0)
+    both = sitk.And(sitk.And(registration.roi > 0, covered > 0), moving_fg > 0)
     return sitk.Cast(both, sitk.sitkUInt8)
 
 

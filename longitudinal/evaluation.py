@@ -177,7 +177,7 @@ def evaluate_pair(studies: Path, patient: str, baseline_path: Path, followup_pat
     from .compare import prepare, score_prepared
     from .io import load_image
     from .pipeline import for_image, load
-    from .preprocessing import foreground_mask, mask_array
+    from .masks import foreground_mask, mask_array
 
     truth_itk, doc = read_truth(studies, patient, visit)
     baseline, followup = load_image(baseline_path), load_image(followup_path)
@@ -188,7 +188,7 @@ def evaluate_pair(studies: Path, patient: str, baseline_path: Path, followup_pat
     truth = sitk.GetArrayFromImage(truth_itk) > 0
     lesions, n = truth_lesions(truth)
     sizes = _lesion_sizes(lesions, n, doc)
-    foreground = mask_array(foreground_mask(followup, pipeline.preprocessing)) | truth
+    foreground = mask_array(foreground_mask(followup.itk, pipeline.masks)) | truth
     clock = time.perf_counter()
     prepared = prepare(baseline, followup, pipeline)
     t_prepare = time.perf_counter() - clock

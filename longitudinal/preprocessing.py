@@ -1,8 +1,7 @@
-"""Foreground masks and intensity harmonisation between two visits.
+"""Intensity harmonisation between two visits, and resolution matching.
 
-Registration and harmonisation both need to know where the body is: MI sampled in empty air
-only adds noise, and a histogram or z-score dominated by background says nothing about tissue.
-Harmonisation runs after registration, so both images share the baseline grid and one mask.
+Harmonisation runs after registration, so both images share the baseline grid and one mask (`masks`): the
+region both visits imaged, where a histogram or a smooth correction says something about tissue.
 """
 
 from __future__ import annotations
@@ -17,12 +16,11 @@ from scipy import ndimage
 
 from .errors import InputError
 from .io import Image
+from .masks import foreground_mask, luminance, mask_array
 
 log = logging.getLogger(__name__)
 
-MASK_METHODS = ("otsu", "threshold", "none")
 HARMONISATIONS = ("histogram", "zscore", "none")
-MASK_WORK_VOXELS = 1_500_000  # masks of larger images are computed on a shrunk copy
 LOCAL_WORK_VOXELS = 2_000_000  # the residual curve and shading of larger images are fitted on a shrunk copy
 
 
@@ -30,9 +28,6 @@ LOCAL_WORK_VOXELS = 2_000_000  # the residual curve and shading of larger images
 class PreprocessingSettings:
     """How masks are made and how the two visits' intensities are made comparable."""
 
-    mask_method: str = "otsu"  # "otsu" | "threshold" | "none" (whole image)
-    mask_threshold: float | None = None  # intensity for "threshold" (None: the image's mean)
-    mask_closing_mm: float = 3.0  # closes sulci/bowel gas pockets that are still body
     n4: bool = False  # N4 bias-field correction (MR); off for CT and photographs
     n4_shrink: int = 4  # N4 is fitted on an image shrunk this much, then applied at full size
     n4_iterations: tuple[int, ...] = (50, 50, 30)  # per fitting level
@@ -53,8 +48,6 @@ class PreprocessingSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "n4_iterations", tuple(int(i) for i in self.n4_iterations))
         object.__setattr__(self, "ct_window", tuple(float(v) for v in self.ct_window))
-        if self.mask_method not in MASK_METHODS:
-            raise ValueError(f"mask_method must be one of {MASK_METHODS}, not {self.mask_method!r}")
         if self.harmonisation not in HARMONISATIONS:
             raise ValueError(f"harmonisation must be one of {HARMONISATIONS}, not {self.harmonisation!r}")
         if len(self.ct_window) != 2 or self.ct_window[0] >= self.ct_window[1]:
@@ -67,69 +60,6 @@ class PreprocessingSettings:
 
 def _name(image: Image) -> str | None:
     return ", ".join(image.meta.sources) if image.meta.sources else None
-
-
-def luminance(itk: sitk.Image) -> sitk.Image:
-    """A float32 scalar image; RGB(A) is reduced to Rec. 601 luma so colour photos can be registered and masked."""
-    n = itk.GetNumberOfComponentsPerPixel()
-    if n == 1:
-        return sitk.Cast(itk, sitk.sitkFloat32)
-    if n in (3, 4):
-        channels = [sitk.Cast(sitk.VectorIndexSelectionCast(itk, i), sitk.sitkFloat32) for i in range(3)]
-        return 0.299 * channels[0] + 0.587 * channels[1] + 0.114 * channels[2]
-    # other multi-component images (e.g. 2-channel): mean of the channels
-    channels = [sitk.Cast(sitk.VectorIndexSelectionCast(itk, i), sitk.sitkFloat32) for i in range(n)]
-    total = channels[0]
-    for c in channels[1:]:
-        total = total + c
-    return total / float(n)
-
-
-def _radius_voxels(itk: sitk.Image, mm: float) -> list[int]:
-    return [max(0, int(round(mm / s))) for s in itk.GetSpacing()]
-
-
-def foreground_mask(
-    image: Image | sitk.Image,
-    settings: PreprocessingSettings = PreprocessingSettings(),
-    dilate_mm: float = 0.0,
-) -> sitk.Image:
-    """Body/foreground mask (uint8 0/1) on the image's grid.
-
-    Otsu (or a threshold), then a closing, holes filled and the largest component kept, so
-    that dark tissue inside the body (ventricles, lungs, bowel gas) still counts as body.
-    Large images are masked on a shrunk copy (about 1M voxels: morphology at 1 mm costs
-    seconds and a body outline needs no finer detail), then brought back by interpolation.
-    """
-    itk = image.itk if isinstance(image, Image) else image
-    gray = luminance(itk)
-    if settings.mask_method == "none":
-        return sitk.Cast(gray * 0 + 1, sitk.sitkUInt8)
-    n = int(np.prod(gray.GetSize()))
-    factor = max(1, math.ceil((n / MASK_WORK_VOXELS) ** (1.0 / gray.GetDimension())))
-    shrink = [factor if s >= 8 * factor else 1 for s in gray.GetSize()]
-    work = sitk.BinShrink(gray, shrink) if any(f > 1 for f in shrink) else gray
-    if settings.mask_method == "otsu":
-        mask = sitk.OtsuThreshold(work, 0, 1)  # below threshold -> 0 (inside value), above -> 1
-    else:
-        thr = settings.mask_threshold
-        if thr is None:
-            thr = float(np.mean(sitk.GetArrayViewFromImage(gray)))
-        mask = sitk.Cast(work > thr, sitk.sitkUInt8)
-    if np.any(sitk.GetArrayViewFromImage(mask)):
-        radius = _radius_voxels(mask, settings.mask_closing_mm)
-        if any(radius):
-            mask = sitk.BinaryMorphologicalClosing(mask, radius, sitk.sitkBall, 1)
-        mask = sitk.BinaryFillhole(mask, fullyConnected=False, foregroundValue=1)
-        labels = sitk.RelabelComponent(sitk.ConnectedComponent(mask), sortByObjectSize=True)
-        mask = sitk.Cast(labels == 1, sitk.sitkUInt8)
-        radius = _radius_voxels(mask, dilate_mm)
-        if any(radius):
-            mask = sitk.BinaryDilate(mask, radius, sitk.sitkBall, 0, 1)
-    if work is not gray:
-        smooth = sitk.Resample(sitk.Cast(mask, sitk.sitkFloat32), gray, sitk.Transform(), sitk.sitkLinear, 0.0)
-        mask = sitk.Cast(smooth >= 0.5, sitk.sitkUInt8)
-    return mask
 
 
 # --------------------------------------------------------------------------- N4
@@ -145,7 +75,7 @@ def n4_correct(image: Image, mask: sitk.Image | None = None, settings: Preproces
         raise InputError(_name(image), "N4 bias-field correction needs a scalar (grayscale) image, not RGB")
     full = sitk.Cast(image.itk, sitk.sitkFloat32)
     if mask is None:
-        mask = foreground_mask(full, settings)
+        mask = foreground_mask(full)
     arr = sitk.GetArrayViewFromImage(full)
     # N4 works on log intensities: shift to strictly positive values
     offset = 0.0
@@ -344,10 +274,6 @@ def _jacobian(transform: sitk.Transform, reference: sitk.Image) -> np.ndarray:
     return jac
 
 
-def mask_array(mask: sitk.Image) -> np.ndarray:
-    return sitk.GetArrayViewFromImage(mask) > 0
-
-
 def _zscore(itk: sitk.Image, mask: sitk.Image) -> sitk.Image:
     """Robust z-score: (x - median) / IQR inside the mask, insensitive to a growing lesion's tail."""
     vals = _masked_values(itk, mask)
@@ -388,7 +314,7 @@ def harmonise(
     if b.GetNumberOfComponentsPerPixel() != f.GetNumberOfComponentsPerPixel():
         raise InputError(_name(registered_followup), "baseline and follow-up have different numbers of channels")
     if mask is None:
-        mask = foreground_mask(baseline, settings)
+        mask = foreground_mask(baseline.itk)
     else:
         if mask.GetSize() != b.GetSize():
             raise InputError(None, f"mask size {mask.GetSize()} differs from the baseline grid {b.GetSize()}")

@@ -12,6 +12,7 @@ follow-up onto the baseline grid.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -20,6 +21,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .io import Image, atomic_write, atomic_write_text
-from .preprocessing import PreprocessingSettings, foreground_mask, luminance
+from .masks import MaskSettings, dilate, foreground_mask, luminance
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,9 @@ class RegistrationSettings:
     bspline_shrink_factors: tuple[int, ...] = (4, 2)
     bspline_smoothing_sigmas_mm: tuple[float, ...] = (2.0, 1.0)
     seed: int = 1234
-    threads: int = 0  # 0: SimpleITK's default for this process; set on the method object only
+    # ITK threads while registering. ITK's threaded metric sums in a varying order, so more than one thread gives
+    # a slightly different transform on every run; 1 gives the same bytes out for the same input, always.
+    threads: int = 1
     # quality control thresholds
     qc_min_dice: float = 0.9  # foreground masks, inside the follow-up's field of view
     qc_min_ncc: float = 0.7  # same-modality visits correlate well once aligned (set lower for contrast changes)
@@ -135,6 +139,7 @@ class Registration:
     fixed_mask: sitk.Image | None = field(default=None, repr=False)  # the baseline's body mask registration used
     moving_mask: sitk.Image | None = field(default=None, repr=False)  # the follow-up's, on the follow-up's grid
     moving_reference: sitk.Image | None = field(default=None, repr=False)  # grid of the moving image
+    roi: sitk.Image | None = field(default=None, repr=False)  # fixed grid: where alignment was measured
 
     @functools.cached_property
     def inverse(self) -> sitk.Transform:
@@ -291,28 +296,48 @@ def _as_affine(tx: sitk.Transform, dim: int) -> sitk.AffineTransform:
     return out
 
 
-def _method(settings: RegistrationSettings, fixed_mask: sitk.Image | None, shrink, sigmas, n_voxels: int,
-            dim: int) -> sitk.ImageRegistrationMethod:
-    """A configured ImageRegistrationMethod; n_voxels = number of full-resolution voxels sampled from."""
+@contextlib.contextmanager
+def itk_threads(n: int) -> Iterator[None]:
+    """ITK's default thread count set to n (> 0) for the block, then restored."""
+    if n <= 0:
+        yield
+        return
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+
+
+def set_metric_sampling(reg: sitk.ImageRegistrationMethod, fixed_mask: sitk.Image | None, shrink, fraction: float,
+                        min_samples: int, seed: int) -> None:
+    """Random sampling with about the same sample count at every level: coarse levels have fewer voxels, so they
+    sample a larger fraction. The count comes from the (full-resolution) mask or image."""
+    dim = fixed_mask.GetDimension() if fixed_mask is not None else 3
+    n_voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(fixed_mask))) if fixed_mask is not None else 1
+    samples = max(fraction * n_voxels, min_samples)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentagePerLevel(
+        [float(min(1.0, samples / max(1.0, n_voxels / f**dim))) for f in shrink], seed)
+
+
+def _method(settings: RegistrationSettings, fixed_mask: sitk.Image | None, shrink, sigmas,
+            sampling_fraction: float | None = None) -> sitk.ImageRegistrationMethod:
+    """A configured ImageRegistrationMethod, sampling inside `fixed_mask`."""
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=settings.metric_bins)
     # On-the-fly central differences: a full-resolution gradient image per level costs more than it brings.
     reg.MetricUseFixedImageGradientFilterOff()
     reg.MetricUseMovingImageGradientFilterOff()
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    # About the same sample count at every level: coarse levels have fewer voxels, so they sample a larger fraction.
-    samples = max(settings.sampling_fraction * n_voxels, settings.min_samples)
-    reg.SetMetricSamplingPercentagePerLevel(
-        [float(min(1.0, samples / max(1.0, n_voxels / f**dim))) for f in shrink], settings.seed
-    )
+    set_metric_sampling(reg, fixed_mask, shrink, sampling_fraction or settings.sampling_fraction,
+                        settings.min_samples, settings.seed)
     if fixed_mask is not None:
         reg.SetMetricFixedMask(fixed_mask)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetShrinkFactorsPerLevel(list(shrink))
     reg.SetSmoothingSigmasPerLevel(list(sigmas))
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    if settings.threads > 0:
-        reg.SetNumberOfThreads(settings.threads)
     return reg
 
 
@@ -359,7 +384,7 @@ def _initial_transform(fixed: sitk.Image, moving: sitk.Image, settings: Registra
     mask_small = sitk.Shrink(fixed_mask, [shrink] * dim) if fixed_mask is not None else None
     best, best_val = None, math.inf
     for mode, tx in candidates.items():
-        reg = _method(settings, mask_small, (1,), (0.0,), 1, dim)
+        reg = _method(settings, mask_small, (1,), (0.0,))
         reg.SetMetricSamplingStrategy(reg.NONE)
         reg.SetInitialTransform(tx, inPlace=False)
         try:
@@ -419,57 +444,67 @@ def _ncc(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / den) if den > 0 else 0.0
 
 
-def _quality(fixed_gray, moving_gray, fixed_mask, moving_mask, transform, settings, seconds, stages, init) -> RegistrationQC:
-    dim = fixed_gray.GetDimension()
-    identity = sitk.Transform(dim, sitk.sitkIdentity)
-    # QC runs on 2x-shrunk copies (all in-mask voxels, no random sampling) so its figures are
-    # deterministic, comparable between identity and result, and cheap.
-    def small(img: sitk.Image) -> sitk.Image:
-        return sitk.Shrink(img, [2 if s >= 64 else 1 for s in img.GetSize()])
+class _Probe:
+    """Deterministic, cheap measures of a transform: MI, foreground Dice and NCC on 2x-shrunk copies with every
+    voxel of the region (no random sampling), so identity, candidates and the result compare fairly."""
 
-    f_small, m_small = small(fixed_gray), small(moving_gray)
-    mask_small, m_mask_small = small(fixed_mask), small(moving_mask)
+    def __init__(self, fixed_gray: sitk.Image, moving_gray: sitk.Image, fixed_body: sitk.Image,
+                 moving_body: sitk.Image, roi: sitk.Image, settings: RegistrationSettings):
+        def small(img: sitk.Image) -> sitk.Image:
+            return sitk.Shrink(img, [2 if n >= 64 else 1 for n in img.GetSize()])
 
-    def metric(tx) -> float:
+        self.settings = settings
+        self.f_small, self.m_small = small(fixed_gray), small(moving_gray)
+        self.body_small, self.m_body_small, self.roi_small = small(fixed_body), small(moving_body), small(roi)
+        self.body = sitk.GetArrayFromImage(self.body_small) > 0
+        self.roi = sitk.GetArrayFromImage(self.roi_small) > 0
+        self.f_roi = sitk.GetArrayViewFromImage(self.f_small)[self.roi].astype(np.float64)
+
+    def metric(self, tx: sitk.Transform) -> float:
         reg = sitk.ImageRegistrationMethod()
-        reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=settings.metric_bins)
+        reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=self.settings.metric_bins)
         reg.SetMetricSamplingStrategy(reg.NONE)
-        reg.SetMetricFixedMask(mask_small)
+        reg.SetMetricFixedMask(self.roi_small)
         reg.SetInterpolator(sitk.sitkLinear)
         reg.SetInitialTransform(tx, inPlace=False)
-        if settings.threads > 0:
-            reg.SetNumberOfThreads(settings.threads)
         try:
-            return float(reg.MetricEvaluate(f_small, m_small))
+            return float(reg.MetricEvaluate(self.f_small, self.m_small))
         except RuntimeError:
             return math.nan
 
-    fmask = sitk.GetArrayViewFromImage(mask_small) > 0
-    farr = sitk.GetArrayViewFromImage(f_small)[fmask].astype(np.float64)
-
-    def overlap(tx) -> tuple[float, float]:
-        # Only where the follow-up has data: a follow-up with a shorter field of view is not a misregistration.
-        inside = sitk.GetArrayFromImage(sitk.Resample(m_mask_small, mask_small, tx, sitk.sitkNearestNeighbor, 255)) != 255
-        mm = sitk.GetArrayFromImage(sitk.Resample(m_mask_small, mask_small, tx, sitk.sitkNearestNeighbor, 0)) > 0
-        fm = fmask & inside
-        denom = fm.sum() + mm.sum()
-        dice = float(2.0 * np.logical_and(fm, mm).sum() / denom) if denom else 0.0
-        mg = sitk.GetArrayFromImage(sitk.Resample(m_small, f_small, tx, sitk.sitkLinear, 0.0))[fmask]
-        ok = inside[fmask]
+    def overlap(self, tx: sitk.Transform) -> tuple[float, float, float]:
+        """(foreground Dice, NCC in the region, fraction of the region the follow-up imaged), all counted only
+        where the follow-up has data: a follow-up with a shorter field of view is not a misregistration."""
+        inside = sitk.GetArrayFromImage(sitk.Resample(self.m_body_small, self.body_small, tx,
+                                                      sitk.sitkNearestNeighbor, 255)) != 255
+        moved = sitk.GetArrayFromImage(sitk.Resample(self.m_body_small, self.body_small, tx,
+                                                     sitk.sitkNearestNeighbor, 0)) == 1
+        fm = self.body & inside
+        denom = fm.sum() + moved.sum()
+        dice = float(2.0 * np.logical_and(fm, moved).sum() / denom) if denom else 0.0
+        mg = sitk.GetArrayFromImage(sitk.Resample(self.m_small, self.f_small, tx, sitk.sitkLinear, 0.0))[self.roi]
+        ok = inside[self.roi]
         shared = float(ok.mean()) if ok.size else 0.0
-        return dice, (_ncc(farr[ok], mg[ok].astype(np.float64)) if ok.sum() > 10 else 0.0), shared
+        ncc = _ncc(self.f_roi[ok], mg[ok].astype(np.float64)) if ok.sum() > 10 else 0.0
+        return dice, ncc, shared
 
-    m_final, m_ident = metric(transform), metric(identity)
-    dice, ncc, shared = overlap(transform)
+
+def _quality(probe: _Probe, transform: sitk.Transform, stages, init: str) -> RegistrationQC:
+    settings = probe.settings
+    dim = probe.f_small.GetDimension()
+    identity = sitk.Transform(dim, sitk.sitkIdentity)
+    m_final, m_ident = probe.metric(transform), probe.metric(identity)
+    dice, ncc, shared = probe.overlap(transform)
     try:
-        idice, incc, _ = overlap(identity)
+        idice, incc, _ = probe.overlap(identity)
     except RuntimeError:
         idice, incc = 0.0, 0.0
+    fmask, f_small = probe.roi, probe.f_small
 
     reasons: list[str] = []
     max_scale, anisotropy, translation = 1.0, 1.0, 0.0
     lin = _linear_part(transform, dim)
-    lo, hi = _bounds(fixed_gray)
+    lo, hi = _bounds(f_small)
     diag = float(np.linalg.norm(hi - lo))
     if lin is not None:
         matrix, centre, trans = lin
@@ -501,7 +536,7 @@ def _quality(fixed_gray, moving_gray, fixed_mask, moving_mask, transform, settin
         reasons.append(f"metric worse than identity ({m_final:.4f} vs {m_ident:.4f})")
     return RegistrationQC(
         metric=m_final, identity_metric=m_ident, dice=dice, identity_dice=idice, ncc=ncc, identity_ncc=incc,
-        max_scale=max_scale, anisotropy=anisotropy, translation_mm=translation, seconds=seconds,
+        max_scale=max_scale, anisotropy=anisotropy, translation_mm=translation, seconds=0.0,
         stages=tuple(stages), init=init, suspect=bool(reasons), reasons=tuple(reasons), shared_fraction=shared,
     )
 
@@ -525,50 +560,64 @@ def _crop_to(gray: sitk.Image, mask: sitk.Image, margin_mm: float):
     return sitk.RegionOfInterest(gray, new_size, lo), (lo, new_size)
 
 
-def _registration_mask(body: sitk.Image, settings: RegistrationSettings) -> sitk.Image:
-    """The body mask dilated so the body's outline, the most informative contour, is sampled too."""
-    if not np.any(sitk.GetArrayViewFromImage(body)):
-        return sitk.Cast(body * 0 + 1, sitk.sitkUInt8)
-    radius = [max(0, int(round(settings.mask_dilation_mm / s))) for s in body.GetSpacing()]
-    return sitk.BinaryDilate(body, radius, sitk.sitkBall, 0, 1) if any(radius) else body
+def _registration_mask(region: sitk.Image, settings: RegistrationSettings) -> sitk.Image:
+    """The region dilated so its outline, the most informative contour, is sampled too."""
+    if not np.any(sitk.GetArrayViewFromImage(region)):
+        return sitk.Cast(region * 0 + 1, sitk.sitkUInt8)
+    return dilate(region, settings.mask_dilation_mm)
 
 
 def register(
     fixed: Image,
     moving: Image,
     settings: RegistrationSettings = RegistrationSettings(),
-    mask_settings: PreprocessingSettings = PreprocessingSettings(),
+    fixed_body: sitk.Image | None = None,
+    moving_body: sitk.Image | None = None,
+    roi: sitk.Image | None = None,
 ) -> Registration:
     """Register the follow-up (moving) to the baseline (fixed).
+
+    fixed_body / moving_body: foreground masks on each image's grid (default: Otsu foreground); roi: where the
+    alignment matters, on the fixed grid (e.g. the brain of a whole-head scan; default: the fixed foreground).
+    The metric is sampled in the roi and QC measures the roi. Of the starting pose and each stage's result the
+    transform with the best metric is kept, so an optimiser that wanders off never makes things worse.
 
     Raises InputError naming the files for pairs that cannot be registered (dimension mismatch,
     constant image, no physical overlap, optimiser failure). A poor but finished registration is
     returned with `qc.suspect` set and the reasons listed.
     """
+    with itk_threads(settings.threads):
+        return _register(fixed, moving, settings, fixed_body, moving_body, roi)
+
+
+def _register(fixed: Image, moving: Image, settings: RegistrationSettings, fixed_body: sitk.Image | None,
+              moving_body: sitk.Image | None, roi: sitk.Image | None) -> Registration:
     t0 = time.perf_counter()
     _check_inputs(fixed, moving)
     dim = fixed.dim
     f_gray = luminance(fixed.itk)
     m_gray = luminance(moving.itk)
-    f_mask_body = foreground_mask(f_gray, mask_settings)
-    m_mask_body = foreground_mask(m_gray, mask_settings)
+    f_body = fixed_body if fixed_body is not None else foreground_mask(f_gray)
+    m_body = moving_body if moving_body is not None else foreground_mask(m_gray)
+    region = roi if roi is not None else f_body
     # Registration sees cropped copies (same physical space): the pyramid smooths the whole
     # moving image at every level, so empty air around the body costs time for nothing.
-    f_work, f_box = _crop_to(f_gray, f_mask_body, settings.crop_margin_mm + settings.mask_dilation_mm)
-    m_work, _ = _crop_to(m_gray, m_mask_body, settings.crop_margin_mm + settings.mask_dilation_mm)
+    f_work, f_box = _crop_to(f_gray, region, settings.crop_margin_mm + settings.mask_dilation_mm)
+    m_work, _ = _crop_to(m_gray, m_body, settings.crop_margin_mm + settings.mask_dilation_mm)
     f_mask = None
     if settings.use_masks:
-        body = sitk.RegionOfInterest(f_mask_body, f_box[1], f_box[0]) if f_box is not None else f_mask_body
-        f_mask = _registration_mask(body, settings)
-    n_voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(f_mask))) if f_mask is not None else int(np.prod(f_work.GetSize()))
+        cropped = sitk.RegionOfInterest(region, f_box[1], f_box[0]) if f_box is not None else region
+        f_mask = _registration_mask(cropped, settings)
 
     # Shrink factors larger than an axis would collapse it: cap per level for small (e.g. 2D) images.
     min_size = min(f_work.GetSize())
     shrink = tuple(max(1, min(s, min_size // 8)) for s in settings.shrink_factors)
+    probe = _Probe(f_gray, m_gray, f_body, m_body, region, settings)
 
     stages_run: list[str] = []
     try:
         tx, init_mode = _initial_transform(f_work, m_work, settings, f_mask)
+        kept: list[tuple[str, sitk.Transform]] = [("start", _as_affine(tx, dim))]
         for kind in ("rigid", "affine"):
             if kind not in settings.stages:
                 continue
@@ -577,12 +626,20 @@ def register(
             if settings.split_levels and {"rigid", "affine"} <= set(settings.stages) and len(levels) > 1:
                 levels = levels[:-1] if kind == "rigid" else levels[-2:]
             if settings.iterations > 0:
-                reg = _method(settings, f_mask, [l[0] for l in levels], [l[1] for l in levels], n_voxels, dim)
+                reg = _method(settings, f_mask, [l[0] for l in levels], [l[1] for l in levels])
                 _set_optimizer(reg, settings, settings.iterations)
                 reg.SetInitialTransform(current, inPlace=True)
                 _run(reg, f_work, m_work, kind)
             tx = current
+            kept.append((kind, _as_affine(tx, dim)))
             stages_run.append(kind if settings.iterations > 0 else f"{kind}(0 iterations)")
+        values = [probe.metric(t) for _, t in kept]
+        best = int(np.nanargmin(values)) if np.isfinite(values).any() else len(kept) - 1
+        if best != len(kept) - 1:
+            log.info("registration: the %s pose fits better than the %s result (MI %.4f vs %.4f); kept it",
+                     kept[best][0], kept[-1][0], values[best], values[-1])
+            stages_run.append(f"kept {kept[best][0]}")
+        tx = kept[best][1]
         if "bspline" in settings.stages:
             linear = _as_affine(tx, dim)
             extent = [sz * sp for sz, sp in zip(f_work.GetSize(), f_work.GetSpacing())]
@@ -590,8 +647,8 @@ def register(
             bspline = sitk.BSplineTransformInitializer(f_work, mesh, order=3)
             if settings.bspline_iterations > 0:
                 bshrink = tuple(max(1, min(s, min_size // 8)) for s in settings.bspline_shrink_factors)
-                reg = _method(dataclasses.replace(settings, sampling_fraction=settings.bspline_sampling_fraction),
-                              f_mask, bshrink, settings.bspline_smoothing_sigmas_mm, n_voxels, dim)
+                reg = _method(settings, f_mask, bshrink, settings.bspline_smoothing_sigmas_mm,
+                              settings.bspline_sampling_fraction)
                 reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=settings.bspline_iterations,
                                          maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=4 * settings.bspline_iterations,
                                          costFunctionConvergenceFactor=1e7)
@@ -607,13 +664,12 @@ def register(
     if tx.GetName() != "CompositeTransform":
         tx = tx.Downcast()
     registered = sitk.Resample(moving.itk, fixed.itk, tx, sitk.sitkLinear, 0.0)
-    qc = _quality(f_gray, m_gray, f_mask_body, m_mask_body, tx, settings, 0.0, stages_run, init_mode)
-    qc = dataclasses.replace(qc, seconds=time.perf_counter() - t0)
+    qc = dataclasses.replace(_quality(probe, tx, stages_run, init_mode), seconds=time.perf_counter() - t0)
     if qc.suspect:
         log.warning("registration suspect: %s", "; ".join(qc.reasons))
     log.info("registered in %.1f s (%s), Dice %.3f, NCC %.3f", qc.seconds, "+".join(stages_run), qc.dice, qc.ncc)
     return Registration(transform=tx, registered=moving.with_itk(registered), qc=qc, fixed_reference=_grid(fixed.itk),
-                        fixed_mask=f_mask_body, moving_mask=m_mask_body, moving_reference=_grid(moving.itk))
+                        fixed_mask=f_body, moving_mask=m_body, moving_reference=_grid(moving.itk), roi=region)
 
 
 def _grid(itk: sitk.Image) -> sitk.Image:
@@ -627,6 +683,9 @@ def grid_to_grid(fixed: sitk.Image, moving: sitk.Image) -> sitk.AffineTransform:
     """The transform that maps each fixed voxel's physical point to the same voxel index of the moving grid:
     identity when the two grids are the same; how two files holding the same pixel data correspond."""
     dim = fixed.GetDimension()
+    if (fixed.GetOrigin(), fixed.GetSpacing(), fixed.GetDirection()) == (
+            moving.GetOrigin(), moving.GetSpacing(), moving.GetDirection()):
+        return sitk.AffineTransform(dim)  # exactly identity, without rounding from the matrix algebra
 
     def affine(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:  # index -> physical
         d = np.array(img.GetDirection()).reshape(dim, dim) * np.array(img.GetSpacing())
@@ -641,8 +700,7 @@ def grid_to_grid(fixed: sitk.Image, moving: sitk.Image) -> sitk.AffineTransform:
     return tx
 
 
-def identity_registration(fixed: Image, moving: Image,
-                          mask_settings: PreprocessingSettings = PreprocessingSettings()) -> Registration:
+def identity_registration(fixed: Image, moving: Image, mask_settings: MaskSettings = MaskSettings()) -> Registration:
     """The registration of two images that hold the same pixel data: voxel to voxel, nothing optimised."""
     t0 = time.perf_counter()
     tx = grid_to_grid(fixed.itk, moving.itk)
@@ -654,4 +712,4 @@ def identity_registration(fixed: Image, moving: Image,
                         seconds=time.perf_counter() - t0, stages=("none: identical pixel data",), init="grid",
                         suspect=False)
     return Registration(transform=tx, registered=moving.with_itk(registered), qc=qc, fixed_reference=_grid(fixed.itk),
-                        fixed_mask=f_mask, moving_mask=m_mask, moving_reference=_grid(moving.itk))
+                        fixed_mask=f_mask, moving_mask=m_mask, moving_reference=_grid(moving.itk), roi=f_mask)

@@ -69,3 +69,22 @@ def test_2d_photographs_compare_on_single_slice_grids(tmp_path):
     change = sitk.ReadImage(str(tmp_path / "change_map.nii.gz"))
     assert change.GetSize() == (512, 512, 1)
     assert json.loads((tmp_path / "result.json").read_text())["pipeline"]["name"] == "generic-2d"
+
+
+def _sample_visits() -> list[Path]:
+    from longitudinal.timeline import discover
+
+    return [v.path for s in ("easy", "hard", "dicom", "fundus") for p in discover(SAMPLES / s) for v in p.visits]
+
+
+@pytest.mark.parametrize("path", _sample_visits(), ids=lambda p: "/".join(p.parts[-3:]))
+def test_a_visit_compared_with_itself_is_identical_no_progression_every_run(path):
+    from longitudinal.compare import compare
+    from longitudinal.io import load_image
+
+    image = load_image(path)
+    for _ in range(3):
+        c = compare(image, load_image(path))
+        assert c.identical and c.verdict == "no progression" and c.progression_score == 0.0 and not c.findings
+        assert any("identical pixel data" in w for w in c.warnings)
+        assert c.registration.transform.GetParameters() == sitk.AffineTransform(image.dim).GetParameters()

@@ -12,7 +12,8 @@ from scipy import ndimage
 
 from longitudinal.errors import InputError
 from longitudinal.io import Image, Meta
-from longitudinal.preprocessing import PreprocessingSettings, foreground_mask, harmonise, match_resolution, n4_correct
+from longitudinal.masks import foreground_mask
+from longitudinal.preprocessing import PreprocessingSettings, harmonise, match_resolution, n4_correct
 
 DATA = "datasets/data/mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 

@@ -26,7 +26,8 @@ from longitudinal import report
 from longitudinal.compare import Comparison, ScoredRegion
 from longitudinal.io import Image, Meta
 from longitudinal.pipeline import Pipeline
-from longitudinal.preprocessing import PreprocessingSettings, foreground_mask, harmonise, luminance
+from longitudinal.masks import foreground_mask, luminance
+from longitudinal.preprocessing import PreprocessingSettings, harmonise
 from longitudinal.regions import RegionSettings, grid_regions
 from longitudinal.registration import RegistrationSettings, register
 
@@ -89,7 +90,7 @@ def make_comparison(baseline: Image, followup: Image, pipeline=TEST_PIPELINE) ->
     reg = register(baseline, followup, settings)
     t1 = time.perf_counter()
     prep = PreprocessingSettings(harmonisation="zscore")
-    mask = foreground_mask(baseline, prep)
+    mask = foreground_mask(baseline)
     b_h, f_h = harmonise(baseline, reg.registered, mask, prep)
     t2 = time.perf_counter()
     inside = sitk.GetArrayFromImage(mask) > 0
