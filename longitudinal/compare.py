@@ -19,10 +19,11 @@ from .io import Image
 
 if TYPE_CHECKING:
     from .encoding import EncoderSettings, FeatureMap
+    from .findings import Finding
     from .pipeline import Pipeline
     from .regions import Region
     from .registration import Registration
-    from .scoring import ChangeDetector, ScoringSettings
+    from .scoring import ChangeDetector, ChangeMaps, PairScores, ScoringSettings
 
 Verdict = Literal["progression", "no progression", "not comparable"]
 VERDICTS: tuple[Verdict, ...] = ("progression", "no progression", "not comparable")
@@ -61,13 +62,14 @@ class Comparison:
     regions: tuple[ScoredRegion, ...]  # findings (flagged, numbered 1..n by score) then the top other regions
     progression_score: float | None  # None when not comparable
     progression: bool
-    threshold: float
-    false_alarm_rate: float
+    threshold: float  # flagging threshold of this pair (nan when nothing was scored)
+    false_alarm_rate: float  # per region, for this pair: false_findings_per_pair / independent regions
     registration: Registration
     pipeline: Pipeline
     encoder: dict[str, str]  # name, weights path, sha256
     timings_s: dict[str, float]
     regions_scored: int = 0  # every region the detector scored; `regions` lists the flagged and the top others
+    false_findings_per_pair: float = math.nan  # the calibration setting: false findings expected on a stable pair
     verdict: Verdict = "no progression"
     warnings: tuple[str, ...] = ()  # plain sentences for the reader
     reason: str | None = None  # why the pair is not comparable, one sentence
@@ -205,8 +207,7 @@ def score_prepared(prepared: Prepared, detector: ChangeDetector | None = None,
 
     `encoder_settings` / `scoring_settings` override the pipeline's (the evaluation's baselines);
     `features` = (features_b, features_f, encoder description) already computed for this pair."""
-    from .findings import outline
-    from .scoring import region_max_map, score_regions
+    from .scoring import score_regions
 
     pipeline = prepared.pipeline
     scoring = scoring_settings or pipeline.scoring
@@ -227,15 +228,9 @@ def score_prepared(prepared: Prepared, detector: ChangeDetector | None = None,
     scores = score_regions(X, names, regions, mask, labels, spacing_zyx, scoring, detector)
     timings["scoring"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
-    # the highest-scoring region holding each voxel: the largest score rank, mapped back to the region
-    order = np.argsort(scores.region_scores, kind="stable")
-    rank = np.empty(len(order), np.float32)
-    rank[order] = np.arange(len(order), dtype=np.float32)
-    top = region_max_map(regions, rank, mask, labels, fill=-1).astype(np.int64)
-    region_of_voxel = np.where(top >= 0, order[np.maximum(top, 0)], -1)
-    found = outline(scores.flagged_mask, maps.signed, mask, region_of_voxel, scores.region_scores,
-                    _gray(prepared.baseline_harmonised.array), _gray(prepared.followup_harmonised.array),
-                    spacing_zyx, scoring.merge_mm)
+    found, pair_score = findings_of(scores, regions, labels, mask, maps,
+                                    _gray(prepared.baseline_harmonised.array),
+                                    _gray(prepared.followup_harmonised.array), spacing_zyx, scoring)
     labels_b = np.zeros(mask.shape, np.uint16)
     for k, finding in enumerate(found, start=1):
         labels_b[tuple(finding.voxels.T)] = k
@@ -260,10 +255,11 @@ def score_prepared(prepared: Prepared, detector: ChangeDetector | None = None,
         change_map=change_map,
         flagged_mask=flagged_mask,
         regions=scored,
-        progression_score=float(scores.region_scores.max()) if len(regions) else 0.0,
+        progression_score=float(pair_score),
         progression=progression,
         threshold=scores.threshold,
-        false_alarm_rate=scoring.false_alarm_rate,
+        false_alarm_rate=scores.false_alarm_rate,
+        false_findings_per_pair=scoring.false_findings_per_pair,
         registration=registration,
         pipeline=pipeline,
         encoder=encoder_info,
@@ -275,6 +271,36 @@ def score_prepared(prepared: Prepared, detector: ChangeDetector | None = None,
         finding_labels=finding_labels,
         finding_labels_baseline=labels_baseline,
     )
+
+
+def findings_of(scores: PairScores, regions: list[Region], labels: np.ndarray | None, mask: np.ndarray,
+                maps: ChangeMaps, baseline_gray: np.ndarray, followup_gray: np.ndarray, spacing_zyx,
+                scoring: ScoringSettings) -> tuple[list[Finding], float]:
+    """(findings above the threshold, pair score) of a scored pair.
+
+    Regions a little below the threshold are outlined too, and the pair score is the best outlined candidate's:
+    a stable pair's near-misses then rank below a real change, and a region with no measurable change of its
+    tissue (nuisance the detector still found unusual) ranks nowhere."""
+    from .findings import outline
+    from .scoring import region_max_map
+
+    # the highest-scoring region holding each voxel: the largest score rank, mapped back to the region
+    order = np.argsort(scores.region_scores, kind="stable")
+    rank = np.empty(len(order), np.float32)
+    rank[order] = np.arange(len(order), dtype=np.float32)
+    top = region_max_map(regions, rank, mask, labels, fill=-1).astype(np.int64)
+    region_of_voxel = np.where(top >= 0, order[np.maximum(top, 0)], -1)
+    floor = scores.threshold - scoring.candidate_margin
+    near = scores.region_scores > floor
+    candidate_voxels = region_max_map([r for r, c in zip(regions, near) if c], np.ones(int(near.sum()), np.float32),
+                                      mask, labels, fill=0.0) > 0
+    candidates = outline(candidate_voxels, maps.signed, maps.fine, mask, region_of_voxel, scores.region_scores,
+                         baseline_gray,
+                         followup_gray, spacing_zyx, scoring.merge_mm, scoring.extent_fraction,
+                         scoring.min_change, scoring.extent_floor)
+    found = [c for c in candidates if c.score > scores.threshold]
+    pair_score = candidates[0].score if candidates else min(floor, float(scores.region_scores.max(initial=floor)))
+    return found, float(pair_score)
 
 
 def _warnings(prepared: Prepared) -> tuple[str, ...]:
@@ -304,8 +330,9 @@ def _without_scores(prepared: Prepared, scoring: ScoringSettings) -> Comparison:
         baseline_harmonised=prepared.baseline_harmonised, followup_harmonised=prepared.followup_harmonised,
         change_map_baseline=zero_b, change_map=zero_f,
         flagged_mask=zero_f.with_itk(sitk.Cast(zero_f.itk, sitk.sitkUInt8)), regions=(),
-        progression_score=None if prepared.reason else 0.0, progression=False, threshold=scoring.threshold,
-        false_alarm_rate=scoring.false_alarm_rate, registration=prepared.registration, pipeline=prepared.pipeline,
+        progression_score=None if prepared.reason else 0.0, progression=False, threshold=math.nan,
+        false_alarm_rate=math.nan, false_findings_per_pair=scoring.false_findings_per_pair,
+        registration=prepared.registration, pipeline=prepared.pipeline,
         encoder={"name": "none"}, timings_s=dict(prepared.timings_s), regions_scored=0,
         verdict="not comparable" if prepared.reason else "no progression", warnings=_warnings(prepared),
         reason=prepared.reason, identical=prepared.identical,

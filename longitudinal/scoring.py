@@ -15,9 +15,11 @@ Each region gets the mean and maximum of every map. A One-Class SVM (or Isolatio
 unchanged regions look like - from the pair itself (most anatomy is stable) or from stable pairs of a cohort (a
 normative model) - and its decision values are turned into p-values against null regions: empirical in the
 bulk, a generalized Pareto tail (shape >= 0, so beyond the largest null value scores stay finite and ordered)
-above the 90th percentile (shape capped at MAX_SHAPE). A region's score is -log10(p), so `threshold =
--log10(false_alarm_rate)` means: an unchanged region exceeds it with that probability. Within a pair the null is
-refitted without extended clusters of suspect regions, so a large change does not calibrate itself away.
+above the 90th percentile (shape fixed by `tail_shape`, or fitted and capped at MAX_SHAPE). A region's score is
+-log10(p). The threshold is set per pair from `false_findings_per_pair`: the per-region rate is that number over
+the pair's independent regions (compared volume / mean region volume), so a stable pair shows that many false
+findings on average whatever its voxel size or field of view. Within a pair the null is refitted without
+extended clusters of suspect regions, so a large change does not calibrate itself away.
 
 Measured (longitudinal evaluate sample_studies/hard and easy, brain-mri 1.2): a stable pair has about 22,000
 regions and shows 1 finding at 1e-4 per region (2.2 regions expected, overlapping) and none at 3e-5.
@@ -66,7 +68,13 @@ class ScoringSettings:
     nu: float = 0.05  # OCSVM: upper bound on the fraction of fitting regions treated as outliers
     gamma: float | str = 0.5  # RBF width on robustly scaled features (10-90 % range = 1)
     n_estimators: int = 200  # Isolation Forest
-    false_alarm_rate: float = 1e-4  # per unchanged region; sets the flagging threshold
+    # The flagging threshold is set per pair so that a pair without change shows this many false findings on
+    # average, whatever its voxel size, field of view and region grid: the per-region false-alarm rate is this
+    # divided by the number of independent regions (the compared volume over the mean region volume).
+    false_findings_per_pair: float = 0.2
+    # Generalized Pareto shape of the null tail: None fits it per pair (capped at MAX_SHAPE); a number fixes it
+    # (chosen on a dev cohort), and only the bulk of the pair's regions sets the scale, never its extremes.
+    tail_shape: float | None = None
     normative_model: Path | None = None  # fitted by `longitudinal fit-normative`; None = fit within the pair
     # Change maps the detector sees: "intensity" (bias- and misalignment-tolerant log ratio), "encoder"
     # (per-stage feature distance), "subtraction" (plain |F - B| after harmonisation: the naive baseline).
@@ -83,6 +91,11 @@ class ScoringSettings:
     trim_level: float = 2.5  # -log10 p above which a region is suspect (not null) when the null is refitted
     trim_min_volume_mm3: float = 4000.0  # ... if its cluster of suspect regions is at least this large (~16 mm cube)
     merge_mm: float = 3.0  # flagged tissue at most this far apart is one finding (a cube cut by a sulcus, a rim)
+    candidate_margin: float = 1.0  # regions this far below the threshold are outlined too (for the pair score)
+    # a finding is the changed tissue: connected voxels of one sign at least this fraction of the change's plateau
+    extent_fraction: float = 0.5
+    min_change: float = 1.5  # ... and a change weaker than this (signed change, noise units) is not a finding
+    extent_floor: float = 2.0  # changed tissue is at least this far out of the unpooled noise (noise units)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -93,17 +106,29 @@ class ScoringSettings:
             raise ValueError(f"detector {self.detector!r} must be 'ocsvm' or 'iforest'")
         if not self.maps or any(m not in MAP_KINDS for m in self.maps):
             raise ValueError(f"maps {self.maps!r} must be a non-empty subset of {MAP_KINDS}")
-        if not 0.0 < self.false_alarm_rate < 1.0:
-            raise ValueError(f"false_alarm_rate {self.false_alarm_rate} must be in (0, 1)")
+        if not self.false_findings_per_pair > 0.0:
+            raise ValueError(f"false_findings_per_pair {self.false_findings_per_pair} must be > 0")
+        if self.tail_shape is not None and not 0.0 <= self.tail_shape < 1.0:
+            raise ValueError(f"tail_shape {self.tail_shape} must be None or in [0, 1)")
         if self.surround_mm and self.surround_mm <= self.pool_mm:
             raise ValueError(f"surround_mm {self.surround_mm} must be 0 (off) or wider than pool_mm {self.pool_mm}")
         if not 0.0 < self.tail_fraction < 1.0 or self.max_fit_regions < 10:
             raise ValueError("tail_fraction must be in (0, 1) and max_fit_regions >= 10")
 
-    @property
-    def threshold(self) -> float:
-        """Calibrated score (-log10 p) above which a region is flagged."""
-        return float(-math.log10(self.false_alarm_rate))
+    def false_alarm_rate(self, n_independent: float) -> float:
+        """Per-region rate for a pair of `n_independent` independent regions (capped below 1)."""
+        return float(min(0.5, self.false_findings_per_pair / max(n_independent, 1.0)))
+
+
+def independent_regions(regions: list[Region], mask: np.ndarray, labels: np.ndarray | None,
+                        voxel_mm3: float) -> float:
+    """How many regions' worth of independent tissue a pair holds: the compared volume over the mean region
+    volume. Overlapping cubes share voxels, so one change raises several at once; this counts each place once."""
+    if not regions:
+        return 0.0
+    covered = region_max_map(regions, np.ones(len(regions), np.float32), mask, labels, fill=0.0) > 0
+    mean_mm3 = float(np.mean([r.volume_mm3 for r in regions]))
+    return float(covered.sum()) * voxel_mm3 / max(mean_mm3, 1e-12)
 
 
 # --------------------------------------------------------------------------- voxel maps
@@ -119,11 +144,13 @@ def _robust_z(values: np.ndarray, inside: np.ndarray) -> np.ndarray:
 
 
 def intensity_change(baseline: np.ndarray, followup: np.ndarray, mask: np.ndarray, spacing_zyx,
-                     settings: "ScoringSettings") -> tuple[np.ndarray, np.ndarray]:
-    """(|change|, signed change), both in units of what noise and misalignment alone would produce at each voxel.
+                     settings: "ScoringSettings") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(|change|, signed change, fine signed change), in units of what noise (and, for the first two,
+    misalignment) alone would produce at each voxel.
 
     The first is the detector's map (less its surround where `surround_mm` is set); the second, pooled over
-    `pool_mm` only, keeps the sign (+: brighter at follow-up) and outlines changed tissue for the findings."""
+    `pool_mm`, keeps the sign (+: brighter at follow-up) and says whether a finding's tissue changed at all; the
+    third, smoothed over `smoothing_mm` only, outlines the changed tissue (pooling would blur its edge)."""
     inside = mask.astype(bool)
     sp = np.asarray(spacing_zyx, float)
     floor = max(float(np.percentile(baseline[inside], 1)), 1e-3) if inside.any() else 1.0
@@ -141,7 +168,8 @@ def intensity_change(baseline: np.ndarray, followup: np.ndarray, mask: np.ndarra
     z = z.astype(np.float32)
     pooled = masked_smooth(z, inside, settings.pool_mm / sp)
     band = pooled - masked_smooth(z, inside, settings.surround_mm / sp) if settings.surround_mm > 0 else pooled
-    return np.abs(band).astype(np.float32), np.where(inside, pooled, 0.0).astype(np.float32)
+    fine = np.where(inside, diff / max(noise, 1e-12), 0.0).astype(np.float32)
+    return np.abs(band).astype(np.float32), np.where(inside, pooled, 0.0).astype(np.float32), fine
 
 
 def subtraction_change(baseline: np.ndarray, followup: np.ndarray, spacing_zyx, settings: "ScoringSettings") -> np.ndarray:
@@ -187,7 +215,8 @@ class ChangeMaps:
     outlined and described with."""
 
     maps: dict[str, np.ndarray]  # each robustly standardised inside the mask, higher = more change
-    signed: np.ndarray  # signed change in noise units (+: brighter at follow-up), 0 outside the mask
+    signed: np.ndarray  # pooled signed change in noise units (+: brighter at follow-up), 0 outside the mask
+    fine: np.ndarray  # the same, smoothed but not pooled: where the changed tissue ends
 
 
 def change_maps(
@@ -202,7 +231,7 @@ def change_maps(
     """Voxel maps of change on the baseline grid, each robustly standardised inside the mask."""
     inside = mask.astype(bool)
     maps: dict[str, np.ndarray] = {}
-    magnitude, signed = intensity_change(baseline, followup, mask, spacing_zyx, settings)
+    magnitude, signed, fine = intensity_change(baseline, followup, mask, spacing_zyx, settings)
     if "intensity" in settings.maps:
         maps["intensity"] = _robust_z(magnitude, inside)
     if "subtraction" in settings.maps:
@@ -212,7 +241,7 @@ def change_maps(
             raise ValueError("scoring.maps includes 'encoder' but no features were given")
         for k, d in enumerate(feature_distances(features_b, features_f, inside), start=1):
             maps[f"encoder_stage{k}"] = _robust_z(d, inside)
-    return ChangeMaps(maps, signed)
+    return ChangeMaps(maps, signed, fine)
 
 
 # --------------------------------------------------------------------------- region features
@@ -296,18 +325,24 @@ class TailCalibration:
     scale: float
 
     @classmethod
-    def fit(cls, null: np.ndarray, tail_fraction: float = 0.1) -> "TailCalibration":
-        """Empirical bulk; generalized Pareto (maximum likelihood, location 0) on the exceedances over the
-        (1 - tail_fraction) quantile."""
+    def fit(cls, null: np.ndarray, tail_fraction: float = 0.1, shape: float | None = None) -> "TailCalibration":
+        """Empirical bulk; generalized Pareto (location 0) on the exceedances over the (1 - tail_fraction)
+        quantile. `shape` None: fitted by maximum likelihood (capped at MAX_SHAPE); a number: fixed, and the scale
+        comes from the median excess, so the pair's few most extreme regions (often the very changes being
+        scored) do not shape their own null."""
         null = np.sort(np.asarray(null, np.float64))
         if len(null) < 20:
             raise InputError(None, f"too few null regions ({len(null)}) to calibrate scores")
         u = float(np.quantile(null, 1.0 - tail_fraction))
         excess = null[null > u] - u
         tail_prob = len(excess) / len(null)
-        # exponential scale from the median excess (= scale x ln 2): the few largest values of a small null
-        # sample are often the very changes being scored, and would inflate a mean
-        shape, scale = 0.0, float(np.median(excess)) / math.log(2.0) if len(excess) else 1.0
+        median = float(np.median(excess)) if len(excess) else 1.0
+        if shape is not None:
+            # median of a generalized Pareto = scale (2^shape - 1) / shape (scale ln 2 at shape 0)
+            scale = median * shape / (2.0 ** shape - 1.0) if shape > 0 else median / math.log(2.0)
+            return cls(null, u, max(tail_prob, 1.0 / len(null)), float(shape), max(scale, 1e-12))
+        # exponential scale from the median excess (= scale x ln 2) unless the fit says the tail is heavier
+        fitted_shape, scale = 0.0, median / math.log(2.0)
         if len(excess) >= 30:
             with np.errstate(all="ignore"):
                 try:
@@ -315,8 +350,8 @@ class TailCalibration:
                 except (RuntimeError, ValueError):
                     c, sc = 0.0, scale
             if c > 0 and np.isfinite(sc) and sc > 0:
-                shape, scale = min(float(c), MAX_SHAPE), float(sc)
-        return cls(null, u, max(tail_prob, 1.0 / len(null)), shape, max(scale, 1e-12))
+                fitted_shape, scale = min(float(c), MAX_SHAPE), float(sc)
+        return cls(null, u, max(tail_prob, 1.0 / len(null)), fitted_shape, max(scale, 1e-12))
 
     def pvalue(self, raw: np.ndarray) -> np.ndarray:
         raw = np.asarray(raw, np.float64)
@@ -352,7 +387,7 @@ class ChangeDetector:
             rng.choice(len(X), s.max_fit_regions, replace=False))
         self._fit_rows(X[chosen], feature_names_)
         self.fitted_rows_ = chosen  # which rows of X were fitted on, to leave each out of its own score
-        self.calibration_ = TailCalibration.fit(self.raw(X, fitted=True), s.tail_fraction)
+        self.calibration_ = TailCalibration.fit(self.raw(X, fitted=True), s.tail_fraction, s.tail_shape)
         self.n_fit_ = len(X)
         return self
 
@@ -452,6 +487,8 @@ class PairScores:
     flagged_mask: np.ndarray  # bool: foreground voxels of flagged regions
     threshold: float
     feature_names: tuple[str, ...] = ()
+    false_alarm_rate: float = math.nan  # per region, for this pair: false_findings_per_pair / n_independent
+    n_independent: float = math.nan
 
 
 def score_pair(
@@ -482,7 +519,9 @@ def score_regions(X: np.ndarray, names: tuple[str, ...], regions: list[Region], 
     elif getattr(detector, "feature_names_", ()) and tuple(detector.feature_names_) != names:
         raise InputError(None, f"normative model was fitted on features {detector.feature_names_}, "
                                f"this pipeline makes {names}: fit it with the same pipeline")
-    threshold = settings.threshold
+    n_independent = independent_regions(regions, mask, labels, float(np.prod(spacing_zyx)))
+    alpha = settings.false_alarm_rate(n_independent)
+    threshold = float(-math.log10(alpha))
     if within_pair:
         scores = _trimmed_scores(detector, X, regions, mask, labels, settings, float(np.prod(spacing_zyx)))
     else:
@@ -491,7 +530,7 @@ def score_regions(X: np.ndarray, names: tuple[str, ...], regions: list[Region], 
     flagged = scores > threshold
     flagged_mask = region_max_map([r for r, f in zip(regions, flagged) if f], np.ones(int(flagged.sum())),
                                   mask, labels, fill=0.0) > 0
-    return PairScores(scores, X, voxel_map, flagged_mask, threshold, names)
+    return PairScores(scores, X, voxel_map, flagged_mask, threshold, names, alpha, n_independent)
 
 
 def combined_change(maps: dict[str, np.ndarray]) -> np.ndarray:
@@ -527,7 +566,7 @@ def _trimmed_scores(detector: ChangeDetector, X, regions, mask, labels, settings
         if not (null & ~touching).sum() > 0.5 * len(X) or np.array_equal(null, ~touching):
             break
         null = ~touching
-        cal = TailCalibration.fit(raw[null], settings.tail_fraction)
+        cal = TailCalibration.fit(raw[null], settings.tail_fraction, settings.tail_shape)
     return cal.score(raw)
 
 

@@ -116,30 +116,42 @@ def _sample_pair(lesion: bool, seed: int):
     return b.astype(np.float32), f.astype(np.float32), mask, truth
 
 
-def test_score_pair_flags_a_synthetic_lesion_and_little_else():
+def test_a_synthetic_lesion_is_the_one_finding_and_is_outlined_at_its_size():
+    from longitudinal.compare import findings_of
+
     b, f, mask, truth = _sample_pair(True, 5)
     regions = _grid(b.shape, mask, size_mm=8.0)
-    s = dataclasses.replace(load("brain-mri").scoring, maps=("intensity",))  # the shipped rate and surround
-    scores = score_pair(b, f, None, None, mask, (1.0, 1.0, 1.0), regions, None, s)
-    assert scores.flagged_mask[truth].any()
-    comps, n = ndimage.label(scores.flagged_mask)
-    assert sum(1 for k in range(1, n + 1) if not truth[comps == k].any()) <= 1
+    s = dataclasses.replace(load("brain-mri").scoring, maps=("intensity",))  # the shipped settings
+    maps = change_maps(b, f, None, None, mask, (1.0, 1.0, 1.0), s)
+    X = region_features(maps.maps, regions, mask, None)
+    scores = score_regions(X, feature_names(maps.maps), regions, mask, None, (1.0, 1.0, 1.0), s)
     assert scores.voxel_map[truth].max() == pytest.approx(scores.region_scores.max())
+    found, pair_score = findings_of(scores, regions, None, mask, maps, b, f, (1.0, 1.0, 1.0), s)
+    assert [bool(truth[tuple(x.voxels.T)].any()) for x in found] == [True]  # the lesion, and nothing else
+    lesion = found[0]
+    assert pair_score == lesion.score > scores.threshold
+    assert 0.7 < lesion.volume_mm3 / truth.sum() < 1.3  # the changed tissue, not the region cube (512 mm3)
+    assert 6.0 <= lesion.diameter_mm <= 9.0 and -45 < lesion.mean_change_pct < -25  # a 7 mm sphere at -40 %
 
 
-@pytest.mark.parametrize("rate", [0.01, 0.001])
-def test_null_pair_flags_about_the_false_alarm_rate(rate):
+@pytest.mark.parametrize("findings", [5.0, 0.5])
+def test_null_pair_flags_about_the_false_alarm_rate(findings):
+    """The per-region rate is the expected false findings over the independent regions (overlapping cubes
+    share voxels: about 8 cubes per place at half overlap); a null pair flags regions at that rate."""
     b, f, mask, _ = _sample_pair(False, 6)
     regions = _grid(b.shape, mask, size_mm=8.0)
-    s = ScoringSettings(maps=("intensity", "subtraction"), false_alarm_rate=rate)
+    s = ScoringSettings(maps=("intensity", "subtraction"), false_findings_per_pair=findings)
     scores = score_pair(b, f, None, None, mask, (1.0, 1.0, 1.0), regions, None, s)
+    assert 6 < len(regions) / scores.n_independent < 10
+    rate = scores.false_alarm_rate
+    assert rate == pytest.approx(findings / scores.n_independent)
     frac = float(np.mean(scores.region_scores > scores.threshold))
     assert rate / 3 < frac < rate * 3, frac
 
 
 def test_component_regions_make_a_synthetic_lesion_one_region_that_scores_highest():
     b, f, mask, truth = _sample_pair(True, 5)
-    settings = ScoringSettings(maps=("intensity",), false_alarm_rate=1e-4)
+    settings = ScoringSettings(maps=("intensity",), false_findings_per_pair=0.05)
     maps = change_maps(b, f, None, None, mask, (1.0, 1.0, 1.0), settings).maps
     ref = sitk.GetImageFromArray(b)
     regions, labels = component_regions(ref, mask, combined_change(maps), RegionSettings(kind="components"))
