@@ -121,10 +121,11 @@ class Chromium:
                 out.append(params["entry"].get("text", "error"))
         return out
 
-    def screenshot(self, path: Path, width: int = 1300, max_height: int = 20000) -> Path:
-        """The whole page as a PNG (up to max_height pixels)."""
+    def screenshot(self, path: Path, width: int = 1300, top: float = 0, height: float | None = None) -> Path:
+        """The page from `top` down (`height` pixels, or to its end) as a PNG."""
         size = self.send("Page.getLayoutMetrics", session=True)["cssContentSize"]
-        clip = {"x": 0, "y": 0, "width": width, "height": min(int(size["height"]) + 1, max_height), "scale": 1}
+        end = int(size["height"]) + 1 if height is None else min(int(size["height"]) + 1, int(top + height))
+        clip = {"x": 0, "y": int(top), "width": width, "height": end - int(top), "scale": 1}
         data = self.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip},
                          session=True)["data"]
         Path(path).write_bytes(base64.b64decode(data))

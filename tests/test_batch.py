@@ -325,6 +325,7 @@ def test_a_batch_that_cannot_write_its_summary_says_so_and_exits_non_zero(studie
     s = batch.run_batch(studies, out, pipeline=TEST_PIPELINE, compare_fn=make_comparison, report_settings=FAST,
                         progress=False)
     assert s.summary_csv is None and "No space left on device" in s.summary_error
+    capsys.readouterr()  # what the direct call logged; the CLI's own lines follow
     monkeypatch.setattr("longitudinal.compare.compare", make_comparison)
     toml = tmp_path / "p.toml"
     toml.write_text('name = "cli-test"\nversion = "1"\n')

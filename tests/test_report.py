@@ -387,7 +387,7 @@ def test_modality_comes_from_the_pipeline_when_the_header_has_none(tmp_path):
                             followup=Image(c.followup.itk, dataclasses.replace(c.followup.meta, modality=None)),
                             pipeline=pipe, regions=tuple(r for r in c.regions if not r.flagged)[:3])
     report.write_outputs(c, tmp_path)
-    assert "MR (not in the files: the pipeline's, test-absdiff)" in _text(_page(tmp_path))
+    assert "MR (from pipeline test-absdiff; not in the files)" in _text(_page(tmp_path))
 
 
 def test_header_text_is_escaped_on_the_page(tmp_path):

@@ -363,19 +363,21 @@ def _overview_slices(d: Display, regions: list[ScoredRegion], wanted_n: int) -> 
     nk = v.array.shape[0]
     if not v.is3d:
         return [0]
+    area = d.body.reshape(nk, -1).sum(axis=1)
+    ks = np.where(area >= 0.3 * area.max())[0]  # slices with a fair share of the body, not its tips
+    k0, k1 = (int(ks.min()), int(ks.max())) if ks.size else (0, nk - 1)
+    gap = max(1, (k1 - k0) // (2 * wanted_n))  # slices other than the findings' stay apart
     wanted: list[int] = []
     for r in ordered_regions(regions):
         if len(wanted) >= (wanted_n if r.flagged else max(wanted_n // 2, sum(x.flagged for x in regions))):
             break
         k = int(np.clip(round(to_view_index(centre_index(r), d.reference, v)[2]), 0, nk - 1))
-        if k not in wanted:
+        if k not in wanted and (r.flagged or all(abs(k - w) > gap for w in wanted)):
             wanted.append(k)
-    ks = np.where(d.body.reshape(nk, -1).any(axis=1))[0]
-    k0, k1 = (int(ks.min()), int(ks.max())) if ks.size else (0, nk - 1)
     for k in np.linspace(k0, k1, wanted_n + 2)[1:-1].round().astype(int):
         if len(wanted) >= wanted_n:
             break
-        if all(abs(int(k) - w) > max(1, (k1 - k0) // (2 * wanted_n)) for w in wanted):
+        if all(abs(int(k) - w) > gap for w in wanted):
             wanted.append(int(k))
     return sorted(wanted, reverse=True)
 
@@ -391,7 +393,7 @@ def overview_figure(d: Display, regions: list[ScoredRegion], settings: ReportSet
     slices = _overview_slices(d, regions, settings.overview_slices)
     ncols = min(3, len(slices))
     nrows = int(math.ceil(len(slices) / ncols))
-    panel = 3.6 if v.is3d else 7.0
+    panel = 4.4 if v.is3d else 7.0
     height = panel * nrows + 1.1
     fig = new_figure(figsize=(panel * ncols, height))
     grid = fig.add_gridspec(nrows, ncols, left=0.01, right=0.99, top=1 - 0.35 / height, bottom=1.0 / height,
@@ -498,9 +500,9 @@ class FindingFigures:
         import matplotlib as mpl
 
         for col, label, mappable in (
-                (2, "intensity difference (harmonised units): red brighter, blue darker at follow-up",
+                (2, "difference (harmonised units)",
                  mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(-d.diff_limit, d.diff_limit), cmap="RdBu_r")),
-                (3, "change score (cyan line: threshold)", _score_mappable(d))):
+                (3, "change score (cyan: threshold)", _score_mappable(d))):
             box = grid[n - 1, col].get_position(fig)
             cax = fig.add_axes((box.x0 + 0.08 * box.width, 0.62 / height, 0.84 * box.width, 0.13 / height))
             cb = fig.colorbar(mappable, cax=cax, orientation="horizontal")
@@ -515,6 +517,20 @@ class FindingFigures:
                    frameon=False)
         self.title = fig.suptitle("", fontsize=11, y=1 - 0.12 / height)
 
+    def _window(self, centre: np.ndarray, extent_mm: float) -> tuple[float, float]:
+        """A grey window fitted to the tissue around the finding (both visits), so a change of a few per cent
+        in white matter stays visible instead of washing out in a window made for the whole head."""
+        d, v = self.d, self.d.base
+        lo, hi = _crop(v.array.shape, centre, max(2.0 * extent_mm, 10.0), v.spacing)
+        box = (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
+        body = d.body[box]
+        if body.sum() < 16:
+            return d.window
+        near = np.concatenate([v.array[box][body], d.follow[box][body]])
+        a, b = percentile_window(near, (1.0, 99.5))
+        pad = 0.1 * (b - a)
+        return a - pad, b + pad
+
     def render(self, region: ScoredRegion, title: str) -> str:
         d, v, settings = self.d, self.d.base, self.settings
         for artist in self.transient:
@@ -526,10 +542,7 @@ class FindingFigures:
         image_mm = min(n * sp for n, sp in zip(v.array.shape[::-1], v.spacing) if n > 1)
         half = max(min(settings.context_mm, image_mm / 4), 1.5 * extent_mm)
         lo, hi = _crop(v.array.shape, centre, half, v.spacing)
-        box = (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
-        body = d.body[box]
-        window = percentile_window(np.concatenate([v.array[box][body], d.follow[box][body]]), d.percentiles) \
-            if body.sum() >= 16 else d.window  # this crop's own window keeps white-matter texture
+        window = self._window(centre, extent_mm)
         nk = v.array.shape[0]
         slices = {}
         for row, plane in enumerate(self.planes):

@@ -144,11 +144,14 @@ def _figures(comparison: Comparison, doc: Mapping, context: OutputContext) -> Fi
             title = finding_title(docs[r.id], doc)
             where = slices_text(docs[r.id].get("slices") or {})
             uri = drawer.render(r, f"{title} · {where}")
+            where_text = (f"slices through its centre ({where}; baseline voxel index)" if is3d
+                          else f"around its centre ({where})")
+            window = ("" if comparison.baseline.is_rgb else
+                      "Baseline and follow-up share one grey window, fitted to the tissue around the finding. ")
             drawn.append(Figure(uri, f"finding {r.id}",
-                                f"Finding {r.id}, slices through its centre ({where}; baseline voxel index). "
-                                "Baseline and follow-up share one grey window fitted to this crop. Difference: "
-                                "red = brighter at follow-up, blue = darker; grey = not compared. Score overlay: "
-                                "faint below the threshold, solid above it.", anchor=f"figure-{r.id}"))
+                                f"Finding {r.id}, {where_text}. {window}Difference: red = brighter at follow-up, "
+                                "blue = darker; grey = not compared. Score overlay: faint below the threshold, solid "
+                                "above it.", anchor=f"figure-{r.id}"))
     return Figures(overview=overview, findings=tuple(drawn))
 
 

@@ -123,7 +123,7 @@ def _modality(doc: Mapping) -> str:
     if pipe.get("modality") == "2D":
         return "2D picture (no modality in the files)"
     if pipe.get("modality"):
-        return f"{pipe['modality']} (not in the files: the pipeline's, {pipe.get('name')})"
+        return f"{pipe['modality']} (from pipeline {pipe.get('name')}; not in the files)"
     return "modality unknown"
 
 
@@ -165,7 +165,8 @@ def _how_to_read(doc: Mapping) -> tuple[tuple[str, str], ...]:
     spacing = max(doc["visits"][0]["spacing_mm"]) if doc["visits"][0]["spacing_mm"] else None
     small = []
     if spacing:
-        small.append(f"smaller than about {2 * spacing:.2g} {unit} across (two voxels of these images)")
+        small.append(f"smaller than about {2 * spacing:.2g} {unit} across (two {'voxels' if _is3d(doc) else 'pixels'} "
+                     "of these images)")
     if region_mm:
         small.append(f"faint changes much smaller than the {region_mm:g} {unit} regions it scores")
     return (

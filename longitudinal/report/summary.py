@@ -58,7 +58,7 @@ class PairResult:
         return cls(**identity, status="ok", verdict=doc.get("verdict"),
                    progression_score=None if score is None else float(score),
                    threshold=None if doc.get("threshold") is None else float(doc["threshold"]),
-                   n_findings=int(doc.get("n_flagged") or 0),
+                   n_findings=None if doc.get("verdict") == "not comparable" else int(doc.get("n_flagged") or 0),
                    registration_suspect=bool((doc.get("registration") or {}).get("suspect")),
                    reason=doc.get("reason"), identical_inputs=bool(doc.get("identical_inputs")),
                    computed_at=doc.get("created"), reused=reused)
@@ -162,13 +162,25 @@ def _row(rank: int, r: PairResult) -> Row:
         verdict, css = (r.verdict or "–"), VERDICT_CSS.get(r.verdict or "", "failed")
     alignment = "" if r.registration_suspect is None else ("suspect" if r.registration_suspect else "passed")
     problem = r.error or r.reason or ("inputs are identical" if r.identical_inputs else "")
-    return Row(css=css, rank=rank, patient=r.patient, baseline=r.baseline, baseline_date=r.baseline_date or "",
-               followup=r.followup, followup_date=r.followup_date or "",
+    return Row(css=css, rank=rank, patient=r.patient, baseline=r.baseline,
+               baseline_date="" if r.baseline_date in (None, r.baseline) else r.baseline_date,
+               followup=r.followup, followup_date="" if r.followup_date in (None, r.followup) else r.followup_date,
                interval="" if r.interval_days is None else w.interval_text(r.interval_days),
                verdict=verdict, verdict_css=css, score=w.number(r.progression_score, ".2f"),
                findings="" if r.n_findings is None else str(r.n_findings), alignment=alignment,
                report=f"{r.folder}/{FILES['report']}" if r.status == "ok" else None, problem=problem,
-               computed_at=r.computed_at or "")
+               computed_at=_when(r.computed_at))
+
+
+def _when(iso: str | None) -> str:
+    """'2026-11-30T16:19:38+00:00' as '2026-11-30 16:19 UTC' (the CSV keeps the full time stamp)."""
+    try:
+        t = dt.datetime.fromisoformat(iso or "")
+    except ValueError:
+        return iso or ""
+    if t.utcoffset() is not None:
+        t = t.astimezone(dt.timezone.utc)
+    return t.strftime("%Y-%m-%d %H:%M") + (" UTC" if t.tzinfo else "")
 
 
 def counts(results: Sequence[PairResult]) -> dict[str, int]:
