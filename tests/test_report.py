@@ -673,3 +673,18 @@ def test_a_new_output_is_one_writer_and_its_files_are_checked_and_listed(tmp_pat
     with pytest.raises(report.OutputError, match="bad.json"):
         report.write_outputs(c, tmp_path, writers={"bad": broken})
     assert not report.is_complete(tmp_path)
+
+
+def test_the_series_used_and_loader_notes_are_shown_and_deidentified(tmp_path):
+    c = comparison_3d()
+    m = dataclasses.replace(c.followup.meta, series_choice=f"series 3 of 4 ({PATIENT_NAME} T1), the largest",
+                            notes=(f"downsampled from 0.5 mm (/data/{PATIENT_ID}/t1)",))
+    c = dataclasses.replace(c, followup=Image(c.followup.itk, m), regions=c.regions[:1])
+    report.write_outputs(c, tmp_path / "plain")
+    text = _text(_page(tmp_path / "plain"))
+    assert "series used" in text and "series 3 of 4" in text and "downsampled from 0.5 mm" in text
+    report.write_outputs(c, tmp_path / "deid", report.OutputContext(deidentify=True, key=b"k" * 32))
+    r = json.loads((tmp_path / "deid" / "result.json").read_text())
+    assert r["visits"][1]["series_choice"] == "series 3 of 4 ((hidden) T1), the largest"
+    assert r["visits"][1]["notes"] == ["downsampled from 0.5 mm (/data/(hidden)/t1)"]
+    assert PATIENT_ID not in _page(tmp_path / "deid") and "JANEWAY" not in _page(tmp_path / "deid")

@@ -70,7 +70,7 @@ class Figures:
 
 
 @dataclass(frozen=True)
-class Visit:
+class VisitCard:
     title: str
     rows: tuple[tuple[str, str], ...]
 
@@ -100,7 +100,7 @@ class ReportPage:
     context: Table
     figures: Figures
     more_findings: int
-    visits: tuple[Visit, ...]
+    visits: tuple[VisitCard, ...]
     registration: tuple[tuple[str, str, str], ...]
     footer: str
     summary_href: str | None = None
@@ -226,7 +226,7 @@ def _region_table(regions: Sequence[Mapping], doc: Mapping, findings: bool) -> T
     return Table(tuple(cols), tuple(rows), tuple(ids), "findings" if findings else "context")
 
 
-def _visit_cards(doc: Mapping) -> tuple[Visit, ...]:
+def _visit_cards(doc: Mapping) -> tuple[VisitCard, ...]:
     out = []
     for v, title in zip(doc["visits"], ("Baseline", "Follow-up")):
         unit = doc.get("spatial_unit", "mm")
@@ -240,7 +240,7 @@ def _visit_cards(doc: Mapping) -> tuple[Visit, ...]:
                  ("orientation", v.get("orientation") or ("2D" if len(v["size"]) == 2 else "–")),
                  ("colour", "RGB" if v.get("rgb") else "grey")]
         rows += [("note", n) for n in v.get("notes") or ()]
-        out.append(Visit(title, tuple(rows)))
+        out.append(VisitCard(title, tuple(rows)))
     return tuple(out)
 
 

@@ -115,8 +115,7 @@ def slice_numbers(index: Sequence[int], reference: sitk.Image) -> dict[str, int]
 
 def _visit_block(image: Image, role: str, context: OutputContext) -> dict:
     m = image.meta
-    notes = tuple(getattr(m, "notes", ()) or ())  # Meta.notes / series_choice: set by the loaders when known
-    choice = getattr(m, "series_choice", None)
+    notes, choice = tuple(m.notes), m.series_choice
     description = m.series_description
     if context.deidentify:
         description = scrub(description, context.secrets)
