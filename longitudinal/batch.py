@@ -26,9 +26,9 @@ import multiprocessing
 import os
 import re
 import sys
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +99,7 @@ class _Task:
     stamp: dict
     context: report.OutputContext
     compare_fn: CompareFn | None
+    threads: int = 0  # threads for every library in a worker; 0: leave the process's setting alone
 
     @property
     def identity(self) -> dict:
@@ -243,15 +244,19 @@ def _init_worker() -> None:
     """One thread per worker for every library, so `jobs` workers use `jobs` cores."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
         os.environ[var] = "1"  # torch reads OMP_NUM_THREADS when it is first imported
+    _set_threads(1)
+
+
+def _set_threads(n: int) -> None:
+    """Threads of ITK and torch in this worker, for the pair it runs next (torch not yet imported reads them
+    from the environment)."""
     import SimpleITK as sitk
 
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-
-
-def _limit_torch_threads() -> None:
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
     torch = sys.modules.get("torch")
-    if torch is not None and torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
+    if torch is not None and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 def _error_text(exc: BaseException, task: _Task) -> str:
@@ -269,11 +274,11 @@ def _read_result(task: _Task, reused: bool) -> PairResult:
 
 def _run_pair(task: _Task) -> PairResult:
     try:
-        if os.environ.get("OMP_NUM_THREADS") == "1":
-            _limit_torch_threads()
         compare_fn = task.compare_fn
         if compare_fn is None:
             from .compare import compare as compare_fn
+        if task.threads:
+            _set_threads(task.threads)  # after the import: torch is loaded by then
         baseline = task.pair.baseline.load()
         followup = task.pair.followup.load()
         comparison = compare_fn(baseline, followup, task.pipeline)
@@ -421,24 +426,37 @@ def _write_summary(out: Path, results: tuple[PairResult, ...], patients: dict[st
 
 
 def _run_all(todo: list[_Task], jobs: int, results: dict[int, PairResult], bar) -> None:
-    todo = sorted(todo, key=lambda t: -t.cost)  # longest first: the last pairs do not run alone
+    todo = sorted(todo, key=lambda t: -t.cost)  # largest first: the small ones fill the gaps at the end
     if jobs == 1 or len(todo) <= 1:
         for task in todo:
             results[task.index] = _run_pair(task)
             _tick(bar, results)
         return
     context = multiprocessing.get_context("spawn")  # no fork: torch and ITK thread pools do not survive it
+    queue = deque(todo)
+    running: dict[Future, _Task] = {}
     with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context, initializer=_init_worker) as pool:
-        futures = {pool.submit(_run_pair, task): task for task in todo}
-        for future in as_completed(futures):
-            task = futures[future]
-            try:
-                results[task.index] = future.result()
-            except BrokenProcessPool as exc:  # a worker died (out of memory, segfault): that pair failed
-                results[task.index] = PairResult.failure(task.identity, f"worker process died ({exc})")
-            except Exception as exc:  # e.g. an unpicklable result
-                results[task.index] = PairResult.failure(task.identity, _error_text(exc, task))
-            _tick(bar, results)
+        while queue or running:
+            while queue and len(running) < jobs:
+                task = queue.popleft()
+                # the last `jobs` pairs: a worker that runs out of pairs leaves its core idle while the others
+                # finish, so each of these runs with `jobs` threads and takes the idle cores over
+                task = dataclasses.replace(task, threads=jobs if len(queue) < jobs else 1)
+                try:
+                    running[pool.submit(_run_pair, task)] = task
+                except BrokenProcessPool as exc:
+                    results[task.index] = PairResult.failure(task.identity, f"worker process died ({exc})")
+                    _tick(bar, results)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                task = running.pop(future)
+                try:
+                    results[task.index] = future.result()
+                except BrokenProcessPool as exc:  # a worker died (out of memory, segfault): that pair failed
+                    results[task.index] = PairResult.failure(task.identity, f"worker process died ({exc})")
+                except Exception as exc:  # e.g. an unpicklable result
+                    results[task.index] = PairResult.failure(task.identity, _error_text(exc, task))
+                _tick(bar, results)
 
 
 def _unreadable(patient: Patient, index: int, key: bytes | None) -> PairResult:

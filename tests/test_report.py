@@ -688,3 +688,24 @@ def test_the_series_used_and_loader_notes_are_shown_and_deidentified(tmp_path):
     assert r["visits"][1]["series_choice"] == "series 3 of 4 ((hidden) T1), the largest"
     assert r["visits"][1]["notes"] == ["downsampled from 0.5 mm (/data/(hidden)/t1)"]
     assert PATIENT_ID not in _page(tmp_path / "deid") and "JANEWAY" not in _page(tmp_path / "deid")
+
+
+def test_compare_of_a_pair_that_cannot_be_compared_exits_0_with_the_verdict_in_result_json(tmp_path, monkeypatch,
+                                                                                            capsys):
+    import longitudinal.compare
+    from longitudinal.cli import EXIT_OK, main
+
+    base = tmp_path / "a.nii.gz"
+    sitk.WriteImage(mni(6.0), str(base))
+    reason = "registration failed its quality control (low similarity: NCC 0.35 < 0.7)"
+
+    def failed_registration(b, f, p):
+        return dataclasses.replace(make_comparison(b, f), verdict="not comparable", reason=reason, regions=(),
+                                   progression=False, progression_score=None)
+
+    monkeypatch.setattr(longitudinal.compare, "compare", failed_registration)
+    assert main(["compare", str(base), str(base), "-o", str(tmp_path / "out")]) == EXIT_OK
+    assert capsys.readouterr().out.startswith(f"NOT COMPARABLE: {reason}")
+    r = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert (r["verdict"], r["reason"], r["progression_score"]) == ("not comparable", reason, None)
+    assert report.is_complete(tmp_path / "out")
