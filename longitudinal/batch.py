@@ -3,7 +3,12 @@
 `OUT/<patient>/<follow-up visit>/` holds what `report.write_outputs` writes; `OUT/summary.csv` and
 `OUT/summary.html` list every pair, worst first, with failures and their reasons. Re-running skips pairs whose
 folder is complete and whose inputs (file sizes and modification times), pipeline settings and package version
-are unchanged, so an interrupted cohort run resumes where it stopped.
+are unchanged, so an interrupted cohort run resumes where it stopped; the summary it writes is the one a fresh
+run would write, but for the `computed_at` column.
+
+Nothing about one patient stops the others: a folder that cannot be listed, an input that cannot be
+fingerprinted or loaded, a comparison that fails or outputs that cannot be written become that pair's (or that
+patient's) failed row, and the summary is always written (or the run says it could not).
 
 De-identified runs use a keyed pseudonym for patients (folder names too). The key is kept in `OUT/.deid_key`
 so pseudonyms stay stable when a run resumes; delete or move that file before sharing the folder if recipients
@@ -13,29 +18,28 @@ must not be able to test guessed patient IDs against the pseudonyms.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import hashlib
-import html
-import io as _io
 import json
 import logging
-import math
 import multiprocessing
 import os
 import re
 import sys
-import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from . import __version__, report
+from .compare import Comparison
 from .errors import InputError
-from .io import atomic_write_text
+from .io import Image, atomic_write_text
+from .pipeline import Pipeline
+from .report.summary import PairResult, counts, summary_csv, summary_html
 from .timeline import Pair, Patient, TimelineSettings, discover, pairs
 
 log = logging.getLogger(__name__)
@@ -43,54 +47,42 @@ log = logging.getLogger(__name__)
 DEID_KEY_FILE = ".deid_key"
 SUMMARY_CSV = "summary.csv"
 SUMMARY_HTML = "summary.html"
+_RESERVED = {SUMMARY_CSV, SUMMARY_HTML, DEID_KEY_FILE}
 
-CompareFn = Callable[[Any, Any, Any], Any]  # (baseline Image, follow-up Image, pipeline) -> Comparison
+CompareFn = Callable[[Image, Image, Pipeline], Comparison]
 
-
-@dataclass(frozen=True)
-class PairResult:
-    """One row of the summary; `patient` is the pseudonym in de-identified runs."""
-
-    index: int  # 1-based position in discovery order
-    patient: str
-    baseline: str  # visit ids
-    followup: str
-    baseline_date: str | None
-    followup_date: str | None
-    interval_days: int | None
-    status: Literal["ok", "skipped", "failed"]  # skipped: up to date from an earlier run
-    folder: str  # relative to the batch output folder
-    progression_score: float | None = None
-    progression: bool | None = None
-    registration_suspect: bool | None = None
-    n_flagged: int | None = None
-    error: str | None = None
-    seconds: float = 0.0
+__all__ = ["BatchSummary", "PairResult", "pipeline_hash", "run_batch"]
 
 
 @dataclass(frozen=True)
 class BatchSummary:
     out_dir: Path
     results: tuple[PairResult, ...]  # discovery order
-    summary_csv: Path
-    summary_html: Path
+    summary_csv: Path | None  # None when it could not be written (summary_error says why)
+    summary_html: Path | None
+    summary_error: str | None = None
+
+    def count(self, verdict: str) -> int:
+        """Pairs with this verdict ("progression", "no progression", "not comparable") or "failed"."""
+        return counts(self.results)[verdict]
 
     @property
-    def ok(self) -> int:
-        return sum(r.status == "ok" for r in self.results)
-
-    @property
-    def skipped(self) -> int:
-        return sum(r.status == "skipped" for r in self.results)
+    def not_comparable(self) -> int:
+        return self.count("not comparable")
 
     @property
     def failed(self) -> int:
-        return sum(r.status == "failed" for r in self.results)
+        return self.count("failed")
 
     @property
-    def exit_code(self) -> int:
-        """What the CLI returns: 1 when any pair failed."""
-        return 1 if self.failed else 0
+    def ok(self) -> int:
+        """Pairs compared in this run (with any verdict)."""
+        return sum(r.status == "ok" and not r.reused for r in self.results)
+
+    @property
+    def skipped(self) -> int:
+        """Pairs whose earlier result was still current."""
+        return sum(r.reused for r in self.results)
 
 
 @dataclass(frozen=True)
@@ -103,36 +95,64 @@ class _Task:
     out_dir: Path
     folder: str
     patient: str  # as shown: the pseudonym when de-identified
-    patient_id: str
-    pipeline: Any
+    pipeline: Pipeline | None
     stamp: dict
-    deidentify: bool
-    deid_key: bytes | None
-    secrets: tuple[str, ...]
-    report_settings: report.ReportSettings
+    context: report.OutputContext
     compare_fn: CompareFn | None
+    threads: int = 0  # threads for every library in a worker; 0: leave the process's setting alone
+
+    @property
+    def identity(self) -> dict:
+        """The row fields every outcome of this pair shares."""
+        p = self.pair
+        return dict(index=self.index, patient=self.patient, baseline=_visit_name(p.baseline.id, self),
+                    followup=_visit_name(p.followup.id, self), baseline_date=_date(p.baseline.date),
+                    followup_date=_date(p.followup.date), interval_days=p.interval_days, folder=self.folder)
+
+    @property
+    def cost(self) -> int:
+        """Voxels to compare: long pairs go first, so parallel workers finish together."""
+        n = 1
+        for v in (self.pair.baseline, self.pair.followup):
+            for s in v.size:
+                n *= max(int(s), 1)
+        return n
 
 
 # --------------------------------------------------------------------------- fingerprints
 
 
-def _fingerprint(path: Path) -> list:
-    """Sizes and modification times of an input file or every file of an input folder (DICOM series)."""
-    path = Path(path)
-    if path.is_file():
+def _stat(path: Path, name: str) -> list:
+    """[name, size, mtime] of a file, or [name, why it cannot be read] (a broken link, a loop): the stamp
+    stays stable, and the loader, not the fingerprint, decides whether the visit is usable."""
+    try:
         st = path.stat()
-        return [[path.name, st.st_size, st.st_mtime_ns]]
+    except OSError as exc:
+        return [name, f"unreadable: {exc.strerror or type(exc).__name__}"]
+    return [name, st.st_size, st.st_mtime_ns]
+
+
+def _fingerprint(path: Path) -> list:
+    """Sizes and modification times of an input file or of every file of an input folder (DICOM series).
+    Raises OSError only when `path` itself cannot be read."""
+    path = Path(path)
+    if not path.is_dir():
+        path.stat()  # the input itself must exist
+        return [_stat(path, path.name)]
     out = []
-    for root, dirs, files in os.walk(path):
+    for root, dirs, files in os.walk(path, onerror=_raise):
         dirs.sort()
         for name in sorted(files):
             f = Path(root, name)
-            st = f.stat()
-            out.append([str(f.relative_to(path)), st.st_size, st.st_mtime_ns])
+            out.append(_stat(f, str(f.relative_to(path))))
     return out
 
 
-def pipeline_hash(pipeline: Any) -> str:
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
+def pipeline_hash(pipeline: Pipeline | None) -> str:
     """Content hash of a pipeline's effective settings and of any file they point to (label maps, models)."""
     stages = getattr(pipeline, "stages", {}) or {}
     files = []
@@ -170,6 +190,27 @@ def _safe(name: str) -> str:
     return _UNSAFE.sub("_", name).strip("._") or "unnamed"
 
 
+def _short_hash(name: str) -> str:
+    return hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
+
+
+def unique_names(names: Mapping[str, str], tag: Callable[[str], str] = _short_hash) -> dict[str, str]:
+    """Folder names for distinct ids (keys), made from how they are shown (values). A name the filesystem would
+    change (separators, '..', unicode, leading dots) always gets a suffix, `tag(id)` (a short hash), and so
+    does one of the summary's own file names; a name kept as it is gets one only when another kept name equals
+    it but for case (case-insensitive filesystems)."""
+    first = {i: _safe(n) for i, n in names.items()}
+    kept = Counter(s.lower() for i, s in first.items() if s == names[i])
+    out = {}
+    for i, s in first.items():
+        if s != names[i] or kept[s.lower()] > 1 or s.lower() in _RESERVED:
+            s = f"{s}-{tag(i)}"
+        out[i] = s
+    if len({s.lower() for s in out.values()}) != len(out):  # a hash clash: never two ids in one folder
+        raise ValueError("two ids map to one folder name")
+    return out
+
+
 def _deid_key(out_dir: Path) -> bytes:
     path = out_dir / DEID_KEY_FILE
     if path.is_file():
@@ -182,14 +223,18 @@ def _deid_key(out_dir: Path) -> bytes:
 def _secrets(patient: Patient) -> tuple[str, ...]:
     found = {patient.id}
     for v in patient.visits:
-        for s in (v.patient_id, v.header_patient_id):
-            if s:
-                found.add(s)
-    return tuple(sorted((s for s in found if s), key=len, reverse=True))
+        found.update(s for s in (v.patient_id, v.header_patient_id) if s)
+    return tuple(sorted(found, key=lambda s: (-len(s), s)))
 
 
-def _date(d: Any) -> str | None:
+def _date(d) -> str | None:
     return d.isoformat() if d is not None else None
+
+
+def _visit_name(visit_id: str, task: _Task) -> str:
+    if not task.context.deidentify:
+        return visit_id
+    return report.scrub(visit_id, task.context.secrets, task.patient) or ""
 
 
 # --------------------------------------------------------------------------- one pair (runs in workers)
@@ -199,72 +244,50 @@ def _init_worker() -> None:
     """One thread per worker for every library, so `jobs` workers use `jobs` cores."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
         os.environ[var] = "1"  # torch reads OMP_NUM_THREADS when it is first imported
+    _set_threads(1)
+
+
+def _set_threads(n: int) -> None:
+    """Threads of ITK and torch in this worker, for the pair it runs next (torch not yet imported reads them
+    from the environment)."""
     import SimpleITK as sitk
 
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-
-
-def _limit_torch_threads() -> None:
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
     torch = sys.modules.get("torch")
-    if torch is not None and torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
+    if torch is not None and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 def _error_text(exc: BaseException, task: _Task) -> str:
-    text = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
-    if task.deidentify:
-        text = report.scrub(text, list(task.secrets), task.patient)
+    text = str(exc) if isinstance(exc, (InputError, report.OutputError)) else f"{type(exc).__name__}: {exc}"
+    if task.context.deidentify:
+        text = report.scrub(text, task.context.secrets, task.patient) or ""
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
+def _read_result(task: _Task, reused: bool) -> PairResult:
+    """The pair's row, from the result.json in its folder: the one place a row with a verdict is built."""
+    doc = json.loads((task.out_dir / task.folder / report.OUTPUT_FILES["result"]).read_text(encoding="utf-8"))
+    return PairResult.from_result(task.identity, doc, reused=reused)
+
+
 def _run_pair(task: _Task) -> PairResult:
-    t0 = time.perf_counter()
-    pair = task.pair
-    base = dict(index=task.index, patient=task.patient, baseline=_visit_name(pair.baseline.id, task),
-                followup=_visit_name(pair.followup.id, task), baseline_date=_date(pair.baseline.date),
-                followup_date=_date(pair.followup.date), interval_days=pair.interval_days, folder=task.folder)
     try:
-        if os.environ.get("OMP_NUM_THREADS") == "1":
-            _limit_torch_threads()
         compare_fn = task.compare_fn
         if compare_fn is None:
-            from .compare import compare as compare_fn  # type: ignore[attr-defined]  # provided by the compare stage
-        baseline = pair.baseline.load()
-        followup = pair.followup.load()
+            from .compare import compare as compare_fn
+        if task.threads:
+            _set_threads(task.threads)  # after the import: torch is loaded by then
+        baseline = task.pair.baseline.load()
+        followup = task.pair.followup.load()
         comparison = compare_fn(baseline, followup, task.pipeline)
-        report.write_outputs(comparison, task.out_dir / task.folder, deidentify=task.deidentify,
-                             deid_key=task.deid_key, secrets=task.secrets, patient_id=task.patient_id,
-                             stamp=task.stamp, settings=task.report_settings)
-        return PairResult(**base, status="ok", **_figures(comparison), seconds=time.perf_counter() - t0)
+        report.write_outputs(comparison, task.out_dir / task.folder, task.context, stamp=task.stamp)
+        return _read_result(task, reused=False)
     except Exception as exc:  # one bad pair must not stop a cohort run; the summary carries the reason
         log.warning("pair %d/%d failed (%s); see %s", task.index, task.total, type(exc).__name__, SUMMARY_CSV)
-        log.debug("pair %d/%d traceback", task.index, task.total, exc_info=not task.deidentify)
-        return PairResult(**base, status="failed", error=_error_text(exc, task), seconds=time.perf_counter() - t0)
-
-
-def _visit_name(visit_id: str, task: _Task) -> str:
-    return report.scrub(visit_id, list(task.secrets), task.patient) if task.deidentify else visit_id
-
-
-def _figures(comparison: Any) -> dict:
-    qc = getattr(comparison.registration, "qc", None)
-    return {
-        "progression_score": None if comparison.progression_score is None else float(comparison.progression_score),
-        "progression": bool(comparison.progression),
-        "registration_suspect": bool(getattr(qc, "suspect", False)),
-        "n_flagged": sum(1 for r in comparison.regions if r.flagged),
-    }
-
-
-def _from_previous_run(task: _Task) -> PairResult:
-    """A row for a skipped pair, read back from its result.json."""
-    pair = task.pair
-    r = json.loads((task.out_dir / task.folder / report.OUTPUT_FILES["result"]).read_text(encoding="utf-8"))
-    return PairResult(index=task.index, patient=task.patient, baseline=_visit_name(pair.baseline.id, task),
-                      followup=_visit_name(pair.followup.id, task), baseline_date=_date(pair.baseline.date),
-                      followup_date=_date(pair.followup.date), interval_days=pair.interval_days, folder=task.folder,
-                      status="skipped", progression_score=r.get("progression_score"), progression=r.get("progression"),
-                      registration_suspect=(r.get("registration") or {}).get("suspect"), n_flagged=r.get("n_flagged"))
+        log.debug("pair %d/%d traceback", task.index, task.total, exc_info=not task.context.deidentify)
+        return PairResult.failure(task.identity, _error_text(exc, task))
 
 
 # --------------------------------------------------------------------------- the run
@@ -277,11 +300,45 @@ def _progress_bar(total: int, enabled: bool):
                 disable=not (enabled and sys.stderr.isatty()))
 
 
+def _plan(found: list[Patient], out: Path, pipeline: Pipeline | None, against: str, deidentify: bool,
+          key: bytes | None, pipe_hash: str, report_settings: report.ReportSettings,
+          compare_fn: CompareFn | None) -> tuple[list[_Task], list[PairResult], dict[str, Patient]]:
+    """Tasks for every pair, and failed rows for pairs whose inputs cannot even be fingerprinted."""
+    patients = [p for p in found if p.problem is None]
+    shown = {p.id: (report.pseudonym(p.id, key) if key is not None else p.id) for p in patients}
+    # de-identified: a suffix must not be an unkeyed hash of an id (anyone could test guesses against it)
+    tag = _short_hash if key is None else (lambda i: report.pseudonym(i, key)[-8:])
+    patient_dirs = unique_names(shown, tag)
+    all_pairs = [(p, pr) for p in patients for pr in pairs(p, against)]
+    visit_dirs: dict[str, dict[str, str]] = {}
+    for p in patients:
+        secrets = _secrets(p) if deidentify else ()
+        visit_dirs[p.id] = unique_names(
+            {v.id: (report.scrub(v.id, secrets, shown[p.id]) or "") if deidentify else v.id for v in p.visits}, tag)
+    tasks, failed = [], []
+    for n, (patient, pair) in enumerate(all_pairs, start=1):
+        name = shown[patient.id]
+        folder = f"{patient_dirs[patient.id]}/{visit_dirs[patient.id][pair.followup.id]}"
+        context = report.OutputContext(
+            deidentify=deidentify, pseudonym=name if deidentify else None,
+            secrets=_secrets(patient) if deidentify else (), key=key, patient_id=patient.id,
+            summary_href=os.path.relpath(out / SUMMARY_HTML, out / folder).replace(os.sep, "/"),
+            settings=report_settings)
+        task = _Task(index=n, total=len(all_pairs), pair=pair, out_dir=out, folder=folder, patient=name,
+                     pipeline=pipeline, stamp={}, context=context, compare_fn=compare_fn)
+        try:
+            tasks.append(dataclasses.replace(task, stamp=_stamp(pair, pipe_hash, against, deidentify)))
+        except OSError as exc:  # an input vanished or its folder cannot be listed: this pair only
+            failed.append(PairResult.failure(task.identity, _error_text(
+                InputError(exc.filename or pair.followup.path, exc.strerror or str(exc)), task)))
+    return tasks, failed, {shown[p.id]: p for p in patients}
+
+
 def run_batch(
     studies_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    pipeline: Any,
+    pipeline: Pipeline | str | os.PathLike | None,
     jobs: int = 1,
     against: Literal["baseline", "previous"] = "baseline",
     deidentify: bool = False,
@@ -292,10 +349,11 @@ def run_batch(
 ) -> BatchSummary:
     """Compare every follow-up with the baseline (or the previous visit) for every patient under studies_dir.
 
-    pipeline: a `pipeline.Pipeline`, or a shipped pipeline name / TOML path. compare_fn defaults to
-    `compare.compare`; with jobs > 1 it must be importable by name (spawned workers unpickle it).
-    Raises InputError when the studies folder cannot be read at all; a pair that fails is recorded and the
-    run goes on (`BatchSummary.failed`, `exit_code`).
+    pipeline: a `pipeline.Pipeline`, a shipped pipeline name / TOML path, or None (chosen per pair from its
+    images). compare_fn defaults to `compare.compare`; with jobs > 1 it must be importable by name (spawned
+    workers unpickle it). Raises InputError when the studies folder cannot be read at all; a pair that fails is
+    recorded and the run goes on (`BatchSummary.failed`); a summary that cannot be written is reported in
+    `BatchSummary.summary_error`.
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, not {jobs}")
@@ -306,232 +364,111 @@ def run_batch(
 
         pipeline = load(pipeline)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     found = discover(studies_dir, timeline, strict=False)
-    patients = [p for p in found if p.problem is None]
-    key = _deid_key(out) if deidentify else None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        key = _deid_key(out) if deidentify else None
+    except OSError as exc:
+        raise report.OutputError(f"{out}: cannot write there ({exc.strerror or exc})") from exc
     pipe_hash = pipeline_hash(pipeline) + ":" + hashlib.sha256(repr(report_settings).encode()).hexdigest()[:16]
+    tasks, unfingerprinted, patients = _plan(found, out, pipeline, against, deidentify, key, pipe_hash,
+                                             report_settings, compare_fn)
+    total = len(tasks) + len(unfingerprinted)
+    log.info("%d patient(s), %d pair(s) against the %s visit, %d job(s)", len(patients), total, against, jobs)
 
-    tasks: list[_Task] = []
-    visits_of: dict[str, list] = {}
-    all_pairs = [(p, pr) for p in patients for pr in pairs(p, against)]
-    for patient, pair in all_pairs:
-        name = report.pseudonym(patient.id, key) if deidentify else patient.id
-        secrets = _secrets(patient) if deidentify else ()
-        visit = report.scrub(pair.followup.id, list(secrets), name) if deidentify else pair.followup.id
-        folder = f"{_safe(name)}/{_safe(visit)}"
-        tasks.append(_Task(index=len(tasks) + 1, total=len(all_pairs), pair=pair, out_dir=out, folder=folder,
-                           patient=name, patient_id=patient.id, pipeline=pipeline, stamp=_stamp(pair, pipe_hash, against, deidentify),
-                           deidentify=deidentify, deid_key=key, secrets=secrets,
-                           report_settings=report_settings, compare_fn=compare_fn))
-        visits_of[name] = list(patient.visits)
-    log.info("%d patient(s), %d pair(s) against the %s visit, %d job(s)", len(patients), len(tasks), against, jobs)
-
-    results: dict[int, PairResult] = {}
+    results: dict[int, PairResult] = {r.index: r for r in unfingerprinted}
     todo: list[_Task] = []
     for task in tasks:
         if report.is_complete(out / task.folder, task.stamp):
             try:
-                results[task.index] = _from_previous_run(task)
+                results[task.index] = _read_result(task, reused=True)
                 continue
-            except (OSError, ValueError):
+            except (OSError, ValueError, KeyError, TypeError):
                 pass  # unreadable result.json: recompute
         todo.append(task)
-    if results:
-        log.info("%d pair(s) up to date, skipped", len(results))
+    reused = sum(r.reused for r in results.values())
+    if reused:
+        log.info("%d pair(s) up to date, skipped", reused)
 
-    bar = _progress_bar(len(tasks), progress)
+    bar = _progress_bar(total, progress)
     bar.update(len(results))
-    failures: list[int] = []
     with contextlib.ExitStack() as stack:
         if not bar.disable:  # log lines go above the bar instead of through it
             from tqdm.contrib.logging import logging_redirect_tqdm
 
             stack.enter_context(logging_redirect_tqdm(loggers=[logging.getLogger("longitudinal")]))
         stack.callback(bar.close)
-        _run_all(todo, jobs, results, bar, failures)
+        _run_all(todo, jobs, results, bar)
 
-    unreadable = tuple(_unreadable(p, len(tasks) + i + 1, key if deidentify else None)
+    unreadable = tuple(_unreadable(p, total + i + 1, key)
                        for i, p in enumerate(q for q in found if q.problem is not None))
-    ordered = tuple(results[t.index] for t in tasks) + unreadable
-    summary_csv = atomic_write_text(out / SUMMARY_CSV, _summary_csv(ordered))
-    summary_html = atomic_write_text(
-        out / SUMMARY_HTML, _summary_html(ordered, visits_of, against, deidentify, tasks))
-    summary = BatchSummary(out, ordered, summary_csv, summary_html)
-    log.info("batch done: %d ok, %d skipped, %d failed", summary.ok, summary.skipped, summary.failed)
+    ordered = tuple(results[i] for i in sorted(results)) + unreadable
+    return _write_summary(out, ordered, patients, against, deidentify)
+
+
+def _write_summary(out: Path, results: tuple[PairResult, ...], patients: dict[str, Patient], against: str,
+                   deidentify: bool) -> BatchSummary:
+    first_dates = {name: _date(p.visits[0].date) for name, p in patients.items()}
+    n_visits = {name: len(p.visits) for name, p in patients.items()}
+    try:
+        csv_path = atomic_write_text(out / SUMMARY_CSV, summary_csv(results))
+        html_path = atomic_write_text(out / SUMMARY_HTML, summary_html(results, first_dates, n_visits, against,
+                                                                      deidentify))
+    except OSError as exc:
+        error = f"{out}: cannot write the summary ({exc.strerror or exc})"
+        log.error("%s", error)
+        return BatchSummary(out, results, None, None, error)
+    summary = BatchSummary(out, results, csv_path, html_path)
+    c = counts(results)
+    log.info("batch done: %d progression, %d no progression, %d not comparable, %d failed (%d up to date)",
+             c["progression"], c["no progression"], c["not comparable"], c["failed"], summary.skipped)
     return summary
 
 
-def _run_all(todo: list[_Task], jobs: int, results: dict[int, PairResult], bar, failures: list[int]) -> None:
+def _run_all(todo: list[_Task], jobs: int, results: dict[int, PairResult], bar) -> None:
+    todo = sorted(todo, key=lambda t: -t.cost)  # largest first: the small ones fill the gaps at the end
     if jobs == 1 or len(todo) <= 1:
         for task in todo:
             results[task.index] = _run_pair(task)
-            _tick(bar, results[task.index], failures)
+            _tick(bar, results)
         return
     context = multiprocessing.get_context("spawn")  # no fork: torch and ITK thread pools do not survive it
+    queue = deque(todo)
+    running: dict[Future, _Task] = {}
     with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context, initializer=_init_worker) as pool:
-        futures = {pool.submit(_run_pair, task): task for task in todo}
-        for future in as_completed(futures):
-            task = futures[future]
-            try:
-                results[task.index] = future.result()
-            except BrokenProcessPool as exc:  # a worker died (out of memory, segfault): that pair failed
-                results[task.index] = _crashed(task, f"worker process died ({exc})")
-            except Exception as exc:  # e.g. an unpicklable result
-                results[task.index] = _crashed(task, _error_text(exc, task))
-            _tick(bar, results[task.index], failures)
+        while queue or running:
+            while queue and len(running) < jobs:
+                task = queue.popleft()
+                # the last `jobs` pairs: a worker that runs out of pairs leaves its core idle while the others
+                # finish, so each of these runs with `jobs` threads and takes the idle cores over
+                task = dataclasses.replace(task, threads=jobs if len(queue) < jobs else 1)
+                try:
+                    running[pool.submit(_run_pair, task)] = task
+                except BrokenProcessPool as exc:
+                    results[task.index] = PairResult.failure(task.identity, f"worker process died ({exc})")
+                    _tick(bar, results)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                task = running.pop(future)
+                try:
+                    results[task.index] = future.result()
+                except BrokenProcessPool as exc:  # a worker died (out of memory, segfault): that pair failed
+                    results[task.index] = PairResult.failure(task.identity, f"worker process died ({exc})")
+                except Exception as exc:  # e.g. an unpicklable result
+                    results[task.index] = PairResult.failure(task.identity, _error_text(exc, task))
+                _tick(bar, results)
 
 
 def _unreadable(patient: Patient, index: int, key: bytes | None) -> PairResult:
     """A summary row for a patient whose visits could not be read: listed as failed, the batch goes on."""
     name = report.pseudonym(patient.id, key) if key is not None else patient.id
-    error = report.scrub(patient.problem or "", list(_secrets(patient)), name) if key is not None else patient.problem
-    return PairResult(index=index, patient=name, baseline="-", followup="-", baseline_date=None, followup_date=None,
-                      interval_days=None, status="failed", folder="", error=error)
+    error = report.scrub(patient.problem or "", _secrets(patient), name) if key is not None else patient.problem
+    return PairResult.failure(dict(index=index, patient=name, baseline="-", followup="-", baseline_date=None,
+                                   followup_date=None, interval_days=None, folder=""), error or "unreadable")
 
 
-def _crashed(task: _Task, message: str) -> PairResult:
-    pair = task.pair
-    return PairResult(index=task.index, patient=task.patient, baseline=_visit_name(pair.baseline.id, task),
-                      followup=_visit_name(pair.followup.id, task), baseline_date=_date(pair.baseline.date),
-                      followup_date=_date(pair.followup.date), interval_days=pair.interval_days, folder=task.folder,
-                      status="failed", error=message)
-
-
-def _tick(bar, result: PairResult, failures: list[int]) -> None:
-    if result.status == "failed":
-        failures.append(result.index)
-        bar.set_postfix(failed=len(failures), refresh=False)
+def _tick(bar, results: dict[int, PairResult]) -> None:
+    failed = sum(r.status == "failed" for r in results.values())
+    if failed:
+        bar.set_postfix(failed=failed, refresh=False)
     bar.update(1)
-
-
-# --------------------------------------------------------------------------- summary
-
-
-def _worst_first(results: tuple[PairResult, ...]) -> list[PairResult]:
-    def key(r: PairResult):
-        score = r.progression_score
-        return (r.status == "failed", -(score if score is not None and math.isfinite(score) else -math.inf), r.index)
-
-    return sorted(results, key=key)
-
-
-_SUMMARY_FIELDS = ("rank", "patient", "baseline_visit", "followup_visit", "baseline_date", "followup_date",
-                   "interval_days", "status", "progression_score", "progression", "registration_suspect", "n_flagged",
-                   "report", "error")
-
-
-def _summary_csv(results: tuple[PairResult, ...]) -> str:
-    buf = _io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=_SUMMARY_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for rank, r in enumerate(_worst_first(results), start=1):
-        writer.writerow({
-            "rank": rank, "patient": r.patient, "baseline_visit": r.baseline, "followup_visit": r.followup,
-            "baseline_date": r.baseline_date or "", "followup_date": r.followup_date or "",
-            "interval_days": "" if r.interval_days is None else r.interval_days, "status": r.status,
-            "progression_score": "" if r.progression_score is None else f"{r.progression_score:.6g}",
-            "progression": "" if r.progression is None else r.progression,
-            "registration_suspect": "" if r.registration_suspect is None else r.registration_suspect,
-            "n_flagged": "" if r.n_flagged is None else r.n_flagged,
-            "report": "" if r.status == "failed" else f"{r.folder}/{report.OUTPUT_FILES['report']}",
-            "error": r.error or "",
-        })
-    return buf.getvalue()
-
-
-def _timeline_plot(patient: str, rows: list[PairResult], visits: list, against: str, threshold: float | None) -> str:
-    """Progression score against follow-up date (or visit order when dates are missing)."""
-    import datetime as dt
-
-    fig = report.new_figure(figsize=(5.2, 2.6), layout="constrained")
-    ax = fig.add_subplot()
-    rows = sorted(rows, key=lambda r: (r.followup_date or "", r.index))
-    dated = all(r.followup_date for r in rows)
-    xs = [dt.date.fromisoformat(r.followup_date) for r in rows] if dated else list(range(1, len(rows) + 1))
-    ys = [r.progression_score for r in rows]
-    ax.plot(xs, ys, color="#2f3a4f", linewidth=1.2, zorder=1)
-    colours = ["#b3261e" if r.progression else "#1e7b45" for r in rows]
-    ax.scatter(xs, ys, c=colours, s=36, zorder=2, edgecolors="white")
-    if threshold is not None:
-        ax.axhline(threshold, color="#e0a100", linestyle="--", linewidth=1, label=f"threshold {threshold:.2f}")
-        ax.legend(fontsize=7, loc="best", frameon=False)
-    if dated and visits and visits[0].date is not None:
-        ax.axvline(visits[0].date, color="#8a93a3", linewidth=0.8, linestyle=":")
-    ax.set_ylabel("progression score", fontsize=8)
-    ax.set_xlabel("follow-up date" if dated else "follow-up number", fontsize=8)
-    ax.set_title(f"{patient}: score vs {'baseline' if against == 'baseline' else 'previous visit'}", fontsize=9)
-    ax.tick_params(labelsize=7)
-    if dated:
-        fig.autofmt_xdate()
-    return report.figure_data_uri(fig, 90)
-
-
-def _summary_html(results: tuple[PairResult, ...], visits_of: dict[str, list], against: str, deidentify: bool,
-                  tasks: list[_Task]) -> str:
-    e = html.escape
-    n_ok = sum(r.status != "failed" for r in results)
-    n_failed = sum(r.status == "failed" for r in results)
-    n_prog = sum(bool(r.progression) for r in results)
-    rows = []
-    for rank, r in enumerate(_worst_first(results), start=1):
-        if r.status == "failed":
-            verdict = "<span class='tag f'>failed</span>"
-            link = "–"
-        else:
-            verdict = f"<span class='tag {'y' if r.progression else 'n'}'>{'progression' if r.progression else 'stable'}</span>"
-            link = f"<a href='{e(r.folder)}/{report.OUTPUT_FILES['report']}'>report</a>"
-        score = "–" if r.progression_score is None else f"{r.progression_score:.2f}"
-        suspect = "" if r.registration_suspect is None else ("<span class='tag w'>suspect</span>" if r.registration_suspect else "ok")
-        rows.append(
-            f"<tr class='{r.status}'><td class='num'>{rank}</td><td>{e(r.patient)}</td><td>{e(r.baseline)}"
-            f"<div class='d'>{e(r.baseline_date or '')}</div></td><td>{e(r.followup)}<div class='d'>{e(r.followup_date or '')}"
-            f"</div></td><td class='num'>{score}</td><td>{verdict}</td><td>{suspect}</td>"
-            f"<td class='num'>{'' if r.n_flagged is None else r.n_flagged}</td><td>{link}"
-            f"{'' if r.status != 'skipped' else ' <span class=d>(earlier run)</span>'}</td>"
-            f"<td class='err'>{e(r.error or '')}</td></tr>")
-    threshold = _threshold(results, tasks)
-    plots = []
-    by_patient: dict[str, list[PairResult]] = {}
-    for r in results:
-        if r.status != "failed" and r.progression_score is not None:
-            by_patient.setdefault(r.patient, []).append(r)
-    for patient, prs in sorted(by_patient.items()):
-        if len(visits_of.get(patient, [])) >= 3 and len(prs) >= 2:
-            plots.append(f"<figure><img alt='timeline' src='{_timeline_plot(patient, prs, visits_of[patient], against, threshold)}'></figure>")
-    css = report._CSS + """
-table.sum{border-collapse:collapse;background:#fff;font-size:13px;width:100%}
-table.sum th{background:#2f3a4f;color:#fff;text-align:left;padding:6px 8px;white-space:nowrap}
-table.sum td{padding:5px 8px;border-bottom:1px solid #e6e9ef;vertical-align:top}
-table.sum tr.failed td{background:#fff4d6} .d{color:#5b6475;font-size:11px} .err{color:#8a1c12;font-size:12px}
-.tag.f{background:#8a1c12;color:#fff} .tag.w{background:#e0a100;color:#fff}
-.plots{display:flex;flex-wrap:wrap;gap:10px} .plots figure{flex:0 0 auto;margin:0}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
-"""
-    head = ("rank", "patient", "baseline", "follow-up", "score", "verdict", "registration", "flagged regions",
-            "report", "error")
-    return (
-        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Batch summary</title><style>{css}</style>"
-        f"</head><body><main><h1>Batch summary</h1><div class='sub'>{len(results)} pair(s) compared against the "
-        f"{'baseline' if against == 'baseline' else 'previous visit'}: {n_ok} done, {n_failed} failed, "
-        f"{n_prog} with progression{' · de-identified' if deidentify else ''} · longitudinal {e(__version__)}</div>"
-        + ("<div class='warn'><b>⚠ Some pairs failed</b> — listed at the end of the table with the reason.</div>" if n_failed else "")
-        + "<h2>Pairs, worst first</h2><table class='sum'><thead><tr>" + "".join(f"<th>{h}</th>" for h in head)
-        + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
-        + (("<h2>Timelines (patients with 3 or more visits)</h2><div class='plots'>" + "".join(plots) + "</div>") if plots else "")
-        + "<footer>Scores are calibrated change scores; see each report for the threshold and its false-alarm rate. "
-          "Not a diagnosis.</footer></main></body></html>"
-    )
-
-
-def _threshold(results: tuple[PairResult, ...], tasks: list[_Task]) -> float | None:
-    """The flagging threshold, read from any finished pair (one pipeline per run, so one threshold)."""
-    by_index = {t.index: t for t in tasks}
-    for r in results:
-        if r.status != "failed":
-            try:
-                doc = json.loads((by_index[r.index].out_dir / r.folder / report.OUTPUT_FILES["result"]).read_text())
-                return float(doc["threshold"])
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-    return None

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, OutputError
 
 log = logging.getLogger("longitudinal")
 
 EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_CANNOT_WRITE = 3  # outputs could not be written (disk full, no permission)
+EXIT_NOT_COMPARABLE = 4  # batch: every pair has a verdict, but some pairs are not comparable
 
 
 @dataclass(frozen=True)
@@ -177,21 +179,21 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
 def _compare(args: argparse.Namespace) -> int:
     from .compare import compare  # the pipeline's stages in order
     from .io import load_image
-    from .report import write_outputs
+    from .report import OutputContext, write_outputs
 
     pipeline = _pipeline(args.pipeline)
     uids = [None if u in (None, "-") else u for u in (args.series_uid or [None, None])]
     comparison = compare(load_image(args.baseline, uids[0]), load_image(args.followup, uids[1]), pipeline)
-    paths = write_outputs(comparison, args.out, deidentify=args.deidentify)
+    report = write_outputs(comparison, args.out, OutputContext(deidentify=args.deidentify))["report.html"]
     for warning in comparison.warnings:
         log.warning("%s", warning)
     if comparison.verdict == "not comparable":
-        print(f"NOT COMPARABLE: {comparison.reason}; report: {paths['report']}")
+        print(f"NOT COMPARABLE: {comparison.reason}; report: {report}")
         return EXIT_OK
     n = len(comparison.findings)
     verdict = "PROGRESSION" if comparison.progression else "no progression"
     print(f"{verdict}: score {comparison.progression_score:.2f} (threshold {comparison.threshold:.2f}), "
-          f"{n} finding{'' if n == 1 else 's'}; report: {paths['report']}")
+          f"{n} finding{'' if n == 1 else 's'}; report: {report}")
     return EXIT_OK
 
 
@@ -217,9 +219,15 @@ def _batch(args: argparse.Namespace) -> int:
     summary = run_batch(args.studies, args.out, pipeline=_pipeline(args.pipeline), jobs=args.jobs,
                         against=args.against, deidentify=args.deidentify, progress=not args.no_progress,
                         timeline=TimelineSettings(layout=args.layout, series_description=args.series_description))
-    print(f"{summary.ok} compared, {summary.skipped} up to date, {summary.failed} failed; "
-          f"summary: {summary.summary_html}")
-    return EXIT_BUG if summary.failed else EXIT_OK  # 1: some pairs failed (listed in the summary)
+    verdicts = (f"{summary.count('progression')} progression, {summary.count('no progression')} no progression, "
+                f"{summary.not_comparable} not comparable, {summary.failed} failed")
+    print(f"{summary.ok} compared, {summary.skipped} up to date: {verdicts}; summary: {summary.summary_html}")
+    if summary.summary_error:
+        print(f"longitudinal: error: {summary.summary_error}", file=sys.stderr)
+        return EXIT_CANNOT_WRITE
+    if summary.failed:
+        return EXIT_BUG  # some pairs failed (listed in the summary)
+    return EXIT_NOT_COMPARABLE if summary.not_comparable else EXIT_OK
 
 
 from . import evaluation as _evaluation  # noqa: E402  (light: heavy imports happen inside its functions)
@@ -288,6 +296,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(exc) if isinstance(exc, InputError) else f"{exc.filename}: {exc.strerror}"
         print(f"longitudinal: error: {' '.join(msg.split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OutputError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"longitudinal: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_CANNOT_WRITE
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a bug: one line unless --debug

@@ -1,4 +1,4 @@
-"""One error type for bad input, so the CLI can print one clear line instead of a traceback."""
+"""Error types the CLI turns into one clear line instead of a traceback: bad input, outputs that cannot be written."""
 
 from __future__ import annotations
 
@@ -12,3 +12,8 @@ class InputError(ValueError):
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(problem if path is None else f"{self.path}: {problem}")
+
+
+class OutputError(Exception):
+    """An output that could not be written (disk full, no permission) or does not read back; the message names
+    the file or folder."""

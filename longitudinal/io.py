@@ -67,6 +67,8 @@ class Meta:
     series_description: str | None = None
     series_uid: str | None = None
     sources: tuple[str, ...] = ()
+    series_choice: str | None = None  # which series of a multi-series visit was used, and by which rule
+    notes: tuple[str, ...] = ()  # what a reader should know about how the image was read (e.g. "downsampled from ...")
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,12 @@ test_report.make_comparison standing in for compare.compare (its workers import 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import errno
 import gzip
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -59,23 +62,29 @@ def _rows(out: Path) -> list[dict]:
     return list(csv.DictReader((out / "summary.csv").open()))
 
 
+def _srcs(page: str) -> list[str]:
+    return re.findall(r"""src\s*=\s*['"]([^'"]*)""", page)
+
+
 def test_batch_reports_every_pair_lists_the_failure_and_keeps_going(studies, tmp_path, capsys):
     out = tmp_path / "out"
     s = batch.run_batch(studies, out, pipeline=TEST_PIPELINE, compare_fn=make_comparison, report_settings=FAST)
-    assert (s.ok, s.failed, s.skipped) == (3, 1, 0) and s.exit_code == 1
+    assert (s.ok, s.failed, s.skipped) == (3, 1, 0)
     rows = _rows(out)
     assert len(rows) == 4
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "failed"]  # failures listed last
-    scores = [float(r["progression_score"]) for r in rows[:3]]
+    assert all(r["verdict"] in ("progression", "no progression") for r in rows[:3]) and rows[3]["verdict"] == ""
+    scores = [float(r["progression_score"]) for r in rows[:3] if r["verdict"] == rows[0]["verdict"]]
     assert scores == sorted(scores, reverse=True)  # worst first
     failed = rows[-1]
     assert failed["patient"] == IDS[2] and "2019-09-01.nii.gz" in failed["error"] and failed["report"] == ""
     for r in rows[:3]:
         folder = out / Path(r["report"]).parent
         assert (out / r["report"]).is_file() and report.is_complete(folder)
-        assert json.loads((folder / "result.json").read_text())["progression_score"] == pytest.approx(
-            float(r["progression_score"]), rel=1e-5)
-    # the growing lesion is the worst pair, and its later visit scores higher than its earlier one
+        doc = json.loads((folder / "result.json").read_text())
+        assert doc["progression_score"] == pytest.approx(float(r["progression_score"]), rel=1e-5)
+        assert r["computed_at"] == doc["created"] and r["verdict"] == doc["verdict"]
+        assert 'href="../../summary.html"' in (out / r["report"]).read_text()  # the way back to the summary
     lesion = {r["followup_visit"]: float(r["progression_score"]) for r in rows if r["patient"] == IDS[0]}
     stable = [float(r["progression_score"]) for r in rows if r["patient"] == IDS[1]][0]
     assert lesion["2021-01-15"] > lesion["2020-07-12"] > stable
@@ -83,7 +92,11 @@ def test_batch_reports_every_pair_lists_the_failure_and_keeps_going(studies, tmp
     page = (out / "summary.html").read_text()
     assert page.count("<img") == 1  # timeline of the only patient with 3 visits
     assert "http://" not in page and all(src.startswith("data:") for src in _srcs(page))
-    assert "2019-09-01.nii.gz" in page and "href='PSECRET-0042/2021-01-15/report.html'" in page
+    assert "2019-09-01.nii.gz" in page and 'href="PSECRET-0042/2021-01-15/report.html"' in page
+    # rows take the colour of their verdict, not of "it ran"
+    classes = re.findall(r'<tr class="v-(\w+)">', page)
+    css = {"progression": "pos", "no progression": "neg"}
+    assert classes == [css[r["verdict"]] for r in rows[:3]] + ["failed"]
     assert "comparing" not in capsys.readouterr().err  # no progress bar when stderr is not a terminal
 
 
@@ -92,7 +105,7 @@ def test_a_patient_whose_headers_cannot_be_read_is_listed_and_the_rest_compared(
     out = tmp_path / "out"
     s = batch.run_batch(studies, out, pipeline=TEST_PIPELINE, compare_fn=make_comparison, report_settings=FAST,
                         progress=False)
-    assert s.failed == 2 and s.ok == 2 and s.exit_code == 1
+    assert s.failed == 2 and s.ok == 2
     rows = _rows(out)
     unreadable = [r for r in rows if r["patient"] == IDS[1]]
     assert len(unreadable) == 1 and unreadable[0]["status"] == "failed"
@@ -100,39 +113,65 @@ def test_a_patient_whose_headers_cannot_be_read_is_listed_and_the_rest_compared(
     assert [r["status"] for r in rows if r["patient"] == IDS[0]] == ["ok", "ok"]
 
 
-def _srcs(page: str) -> list[str]:
-    import re
+def _without_computed_at(out: Path) -> tuple[list[dict], str]:
+    rows = [{k: v for k, v in r.items() if k != "computed_at"} for r in _rows(out)]
+    page = re.sub(r'<td class="computed d">[^<]*</td>', "", (out / "summary.html").read_text())
+    return rows, page
 
-    return re.findall(r"""src\s*=\s*['"]([^'"]*)""", page)
+
+def test_a_resumed_summary_is_the_fresh_summary_but_for_when_each_result_was_computed(studies, tmp_path):
+    fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
+    kw = dict(pipeline=TEST_PIPELINE, compare_fn=make_comparison, report_settings=FAST, progress=False)
+    batch.run_batch(studies, fresh, **kw)
+    first = batch.run_batch(studies, resumed, **kw)
+    times = [r["computed_at"] for r in _rows(resumed)]
+    time.sleep(1.1)  # a later run would stamp a later time
+    again = batch.run_batch(studies, resumed, **kw)
+    assert (first.ok, again.ok, again.skipped) == (3, 0, 3)
+    assert [r["computed_at"] for r in _rows(resumed)] == times  # the earlier results, with their times
+    assert _without_computed_at(resumed) == _without_computed_at(fresh)
+    assert "earlier run" not in (resumed / "summary.html").read_text()
+    assert [r["status"] for r in _rows(resumed)] == ["ok", "ok", "ok", "failed"]
 
 
 def test_resume_skips_finished_pairs_and_recomputes_changed_inputs(studies, tmp_path):
     out = tmp_path / "out"
-    first = batch.run_batch(studies, out, pipeline=TEST_PIPELINE, compare_fn=make_comparison, report_settings=FAST,
-                            progress=False)
+    kw = dict(pipeline=TEST_PIPELINE, compare_fn=make_comparison, report_settings=FAST, progress=False)
+    first = batch.run_batch(studies, out, **kw)
     assert first.ok == 3
     stamp_times = {p: p.stat().st_mtime_ns for p in out.rglob(".complete")}
 
-    again = batch.run_batch(studies, out, pipeline=TEST_PIPELINE, compare_fn=make_comparison, report_settings=FAST,
-                            progress=False)
+    again = batch.run_batch(studies, out, **kw)
     assert (again.ok, again.skipped, again.failed) == (0, 3, 1)  # the failed pair is retried, not skipped
     assert {p: p.stat().st_mtime_ns for p in out.rglob(".complete")} == stamp_times
-    assert [r["status"] for r in _rows(out)] == ["skipped"] * 3 + ["failed"]
 
     touched = studies / IDS[0] / "2021-01-15.nii.gz"
     later = time.time() + 5
     os.utime(touched, (later, later))
-    third = batch.run_batch(studies, out, pipeline=TEST_PIPELINE, compare_fn=make_comparison, report_settings=FAST,
-                            progress=False)
-    status = {(r.patient, r.followup): r.status for r in third.results}
-    assert status[(IDS[0], "2021-01-15")] == "ok"
-    assert status[(IDS[0], "2020-07-12")] == "skipped" and status[(IDS[1], "visit1")] == "skipped"
+    third = batch.run_batch(studies, out, **kw)
+    reused = {(r.patient, r.followup): r.reused for r in third.results}
+    assert reused[(IDS[0], "2021-01-15")] is False
+    assert reused[(IDS[0], "2020-07-12")] is True and reused[(IDS[1], "visit1")] is True
 
     # a folder whose write was interrupted (no .complete) is recomputed
     (out / IDS[1] / "visit1" / report.COMPLETE).unlink()
-    fourth = batch.run_batch(studies, out, pipeline=TEST_PIPELINE, compare_fn=make_comparison, report_settings=FAST,
-                             progress=False)
-    assert {(r.patient, r.followup): r.status for r in fourth.results}[(IDS[1], "visit1")] == "ok"
+    fourth = batch.run_batch(studies, out, **kw)
+    assert {(r.patient, r.followup): r.reused for r in fourth.results}[(IDS[1], "visit1")] is False
+
+
+def test_resume_rechecks_every_file_listed_as_complete(studies, tmp_path):
+    """A file damaged after the run (same size, unreadable header) is not taken as finished: the pair reruns."""
+    out = tmp_path / "out"
+    kw = dict(pipeline=TEST_PIPELINE, compare_fn=make_comparison, report_settings=FAST, progress=False)
+    batch.run_batch(studies, out, **kw)
+    folder = out / IDS[1] / "visit1"
+    target = folder / "change_map.nii.gz"
+    size = target.stat().st_size
+    target.write_bytes(b"\0" * size)  # same size, no readable header
+    assert not report.is_complete(folder)
+    again = batch.run_batch(studies, out, **kw)
+    assert {(r.patient, r.followup): r.reused for r in again.results}[(IDS[1], "visit1")] is False
+    assert report.is_complete(folder) and sitk.ReadImage(str(target)).GetSize()
 
 
 def test_a_changed_pipeline_changes_the_stamp(studies):
@@ -168,7 +207,6 @@ def test_parallel_deidentified_batch_matches_serial_and_leaks_no_ids(studies, tm
     assert "2019-09-01.nii.gz" in failed.error  # the file is named, the patient folder is not
     r0 = json.loads((out / lesion[1].folder / "result.json").read_text())
     assert r0["patient"]["id"] == lesion[1].patient and r0["patient"]["deidentified"] is True
-    # a worker computes the same numbers as an in-process run of the same pair
     from longitudinal.timeline import discover, pairs
 
     patient = [p for p in discover(studies) if p.id == IDS[0]][0]
@@ -186,6 +224,115 @@ def test_bad_arguments_raise_before_any_work(studies, tmp_path):
 
     with pytest.raises(InputError):
         batch.run_batch(tmp_path / "missing", tmp_path / "o", pipeline=TEST_PIPELINE)
+
+
+def not_comparable_for_the_stable_patient(baseline, followup, pipeline):
+    """compare() as it answers a pair whose registration failed its QC: a verdict, no score, a reason."""
+    c = make_comparison(baseline, followup, pipeline)
+    if IDS[1] not in baseline.meta.sources[0]:
+        return c
+    reason = "registration failed its quality control (low similarity: NCC 0.35 < 0.7)"
+    return dataclasses.replace(c, verdict="not comparable", reason=reason, progression=False,
+                               progression_score=None, regions=())
+
+
+def test_not_comparable_pairs_are_counted_and_coloured_apart(studies, tmp_path):
+    out = tmp_path / "out"
+    s = batch.run_batch(studies, out, pipeline=TEST_PIPELINE, compare_fn=not_comparable_for_the_stable_patient,
+                        report_settings=FAST, progress=False)
+    assert (s.not_comparable, s.failed, s.count("progression") + s.count("no progression")) == (1, 1, 2)
+    row = [r for r in _rows(out) if r["patient"] == IDS[1]][0]
+    assert (row["status"], row["verdict"], row["progression_score"]) == ("ok", "not comparable", "")
+    assert "NCC 0.35" in row["reason"]
+    assert [r["verdict"] for r in _rows(out)][-2:] == ["not comparable", ""]  # after every verdict, before failures
+    page = (out / "summary.html").read_text()
+    assert page.count('<tr class="v-nc">') == 1 and '<span class="tag nc">1 not comparable</span>' in page
+
+
+def test_output_folders_of_distinct_patients_never_collide(tmp_path):
+    """'../../evil', 'evil', 'Ev il' and unicode names that the folder name would fold together."""
+    names = ["../../evil", "evil", "..evil", "Müller", "M_ller", "M?ller", "ABC", "abc", "summary.html"]
+    folders = batch.unique_names({n: n for n in names})
+    assert len({f.lower() for f in folders.values()}) == len(names)
+    assert folders["evil"] == "evil" and folders["M_ller"] == "M_ller"  # plain names keep their name
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", f) and not f.startswith(".") for f in folders.values())
+    assert batch.unique_names({"../../evil": "../../evil"}) == {"../../evil": folders["../../evil"]}  # stable
+
+    root = tmp_path / "studies"
+    base = mni(6.0)
+    for i, name in enumerate(("ev il", "ev_il", "ev?il")):  # one folder name before: "ev_il"
+        _write(_noisy(base, 10 + i), root / name / "2020-01-01.nii.gz")
+        _write(_noisy(base, 20 + i), root / name / "2020-06-01.nii.gz")
+    s = batch.run_batch(root, tmp_path / "out", pipeline=TEST_PIPELINE, compare_fn=make_comparison,
+                        report_settings=FAST, progress=False)
+    assert s.ok == 3 and len({r.folder.lower() for r in s.results}) == 3
+    for r in s.results:  # each row's report is that patient's
+        doc = json.loads((tmp_path / "out" / r.folder / "result.json").read_text())
+        assert doc["patient"]["id"] == r.patient
+
+
+def test_a_symlink_loop_in_one_patients_folder_does_not_stop_the_batch(studies, tmp_path, series_writer):
+    """A loop (and a dangling link) inside a DICOM visit folder: fingerprinting goes on, every pair runs."""
+    vol = sitk.GetArrayFromImage(mni(6.0))
+    for date, seed in (("20200101", 1), ("20200701", 2)):
+        folder = studies / "PLOOP-0001" / date
+        noisy = vol + np.random.default_rng(seed).normal(0, 1.0, vol.shape)
+        series_writer(folder, noisy, spacing=(6.0, 6.0, 6.0), origin=(-90.0, -126.0, -72.0), study_date=date,
+                      patient_id="PLOOP-0001")
+    (studies / "PLOOP-0001" / "20200701" / "loop").symlink_to("loop")
+    (studies / "PLOOP-0001" / "20200701" / "dangling").symlink_to("nowhere")
+    out = tmp_path / "out"
+    s = batch.run_batch(studies, out, pipeline=TEST_PIPELINE, compare_fn=make_comparison, report_settings=FAST,
+                        progress=False)
+    assert len(s.results) == 5 and s.failed == 1  # the truncated file of the fixture, nothing else
+    assert [r.status for r in s.results if r.patient == "PLOOP-0001"] == ["ok"]
+    assert (out / "summary.csv").is_file() and len(_rows(out)) == 5
+    again = batch.run_batch(studies, out, pipeline=TEST_PIPELINE, compare_fn=make_comparison,
+                            report_settings=FAST, progress=False)
+    assert [r.reused for r in again.results if r.patient == "PLOOP-0001"] == [True]  # the stamp is stable
+
+
+def _disk_full(monkeypatch, where):
+    """Renames into place fail with ENOSPC for the destinations `where` accepts (every atomic write ends so)."""
+    real = os.replace
+
+    def replace(src, dst, *a, **kw):
+        if where(Path(dst)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return real(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_a_full_disk_fails_each_pair_with_its_reason_and_the_summary_is_still_written(studies, tmp_path,
+                                                                                       monkeypatch):
+    out = tmp_path / "out"
+    _disk_full(monkeypatch, lambda dst: dst.parent != out)  # pair folders are full, the top folder is not
+    s = batch.run_batch(studies, out, pipeline=TEST_PIPELINE, compare_fn=make_comparison, report_settings=FAST,
+                        progress=False)
+    assert s.failed == 4 and s.summary_error is None
+    rows = _rows(out)
+    assert sum("No space left on device" in r["error"] for r in rows) == 3 and all(r["report"] == "" for r in rows)
+    assert not list(out.rglob(report.COMPLETE))
+
+
+def test_a_batch_that_cannot_write_its_summary_says_so_and_exits_non_zero(studies, tmp_path, monkeypatch, capsys):
+    from longitudinal.cli import EXIT_CANNOT_WRITE, main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    _disk_full(monkeypatch, lambda dst: True)
+    s = batch.run_batch(studies, out, pipeline=TEST_PIPELINE, compare_fn=make_comparison, report_settings=FAST,
+                        progress=False)
+    assert s.summary_csv is None and "No space left on device" in s.summary_error
+    capsys.readouterr()  # what the direct call logged; the CLI's own lines follow
+    monkeypatch.setattr("longitudinal.compare.compare", make_comparison)
+    toml = tmp_path / "p.toml"
+    toml.write_text('name = "cli-test"\nversion = "1"\n')
+    assert main(["batch", str(studies), "-o", str(out), "--pipeline", str(toml), "--no-progress"]) == EXIT_CANNOT_WRITE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("longitudinal: error: ") and "cannot write the summary" in err[-1]
+    assert "Traceback" not in "\n".join(err)
 
 
 class _Terminal:
@@ -207,7 +354,7 @@ class _Terminal:
 
 def test_cli_batch_exit_status_progress_bar_and_resume(studies, tmp_path, monkeypatch, capsys):
     import longitudinal.compare
-    from longitudinal.cli import main
+    from longitudinal.cli import EXIT_NOT_COMPARABLE, main
 
     # compare() is the lead's; the CLI imports it at run time, so the scaffolding stands in for it here
     monkeypatch.setattr(longitudinal.compare, "compare", make_comparison, raising=False)
@@ -216,7 +363,7 @@ def test_cli_batch_exit_status_progress_bar_and_resume(studies, tmp_path, monkey
     out = tmp_path / "out"
     assert main(["batch", str(studies), "-o", str(out), "--pipeline", str(toml), "--no-progress"]) == 1
     captured = capsys.readouterr()
-    assert "3 compared, 0 up to date, 1 failed" in captured.out
+    assert "3 compared, 0 up to date: " in captured.out and "0 not comparable, 1 failed" in captured.out
     assert not any(i in captured.err for i in IDS)  # logs name pair numbers, not patients
 
     terminal = _Terminal()
@@ -224,7 +371,14 @@ def test_cli_batch_exit_status_progress_bar_and_resume(studies, tmp_path, monkey
     assert main(["batch", str(studies), "-o", str(out), "--pipeline", str(toml)]) == 1
     bar = "".join(terminal.parts)
     assert "comparing" in bar and "4/4" in bar and "failed=1" in bar
-    assert "0 compared, 3 up to date, 1 failed" in capsys.readouterr().out
+    assert "0 compared, 3 up to date" in capsys.readouterr().out
+    monkeypatch.undo()
+
+    # every pair has a verdict, some are not comparable: its own exit status
+    (studies / IDS[2] / "2019-09-01.nii.gz").unlink()
+    monkeypatch.setattr(longitudinal.compare, "compare", not_comparable_for_the_stable_patient, raising=False)
+    assert main(["batch", str(studies), "-o", str(tmp_path / "o2"), "--pipeline", str(toml),
+                 "--no-progress"]) == EXIT_NOT_COMPARABLE
 
     assert main(["batch", str(tmp_path / "nothing-here"), "-o", str(out), "--pipeline", str(toml)]) == 2
     assert main(["batch", str(studies), "-o", str(out), "--pipeline", "no-such-pipeline"]) == 2
