@@ -48,7 +48,8 @@ def cache_pair(args: tuple[Path, str, str, str, Path]) -> str:
         return f"{path.name}: cached"
     import SimpleITK as sitk
 
-    from longitudinal.compare import _gray, encode_prepared, prepare, region_features_prepared
+    from longitudinal.compare import encode_prepared, prepare, region_features_prepared
+    from longitudinal.masks import gray_array
     from longitudinal.evaluation import cohort_tags, load_truth
     from longitudinal.pipeline import for_image
     from longitudinal.timeline import discover, pairs
@@ -61,7 +62,14 @@ def cache_pair(args: tuple[Path, str, str, str, Path]) -> str:
     truth = load_truth(studies, patient_id, followup_id, followup.itk)
     prepared = prepare(baseline, followup, pipeline)
     tags = cohort_tags(studies)
+    from longitudinal.evaluation import brain_truth, dice
+
+    brain = brain_truth(studies, patient_id, baseline_id)
+    roi = prepared.registration.roi
     doc = {"patient": patient_id, "visit": followup_id, "changed": bool(truth.mask.any()),
+           "brain_dice": None if brain is None or roi is None or not pipeline.masks.brain
+           else dice(sitk.GetArrayFromImage(roi) > 0, sitk.GetArrayFromImage(brain) > 0),
+           "qc": prepared.registration.qc.to_dict(),
            "sizes": {str(k): v for k, v in truth.sizes.items()}, "reason": prepared.reason,
            "tags": tags.get((patient_id, followup_id), {}), "baseline_tags": tags.get((patient_id, baseline_id), {}),
            "spacing_zyx": list(reversed(baseline.spacing))}
@@ -86,8 +94,8 @@ def cache_pair(args: tuple[Path, str, str, str, Path]) -> str:
                   "hi": np.array([r.bbox[1] for r in regions]) - lo[::-1],
                   "volumes": np.array([r.volume_mm3 for r in regions]), "mask": prepared.mask[crop],
                   "signed": maps.signed[crop], "fine": maps.fine[crop], "lesions": lesions_b[crop].astype(np.int32),
-                  "b": _gray(prepared.baseline_harmonised.array)[crop].astype(np.float32),
-                  "f": _gray(prepared.followup_harmonised.array)[crop].astype(np.float32)}
+                  "b": gray_array(prepared.baseline_harmonised.array)[crop].astype(np.float32),
+                  "f": gray_array(prepared.followup_harmonised.array)[crop].astype(np.float32)}
     doc["seconds"] = round(time.perf_counter() - t0, 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
@@ -107,7 +115,8 @@ def score_cached(path: Path, overrides: dict) -> dict:
         doc = json.loads(str(z["meta"]))
         arrays = {k: z[k] for k in z.files if k != "meta"}
     out = {"patient": doc["patient"], "visit": doc["visit"], "changed": doc["changed"], "tags": doc["tags"],
-           "baseline_tags": doc["baseline_tags"], "not_comparable": doc["reason"]}
+           "baseline_tags": doc["baseline_tags"], "not_comparable": doc["reason"], "brain_dice": doc["brain_dice"],
+           "qc_ok": not doc["qc"]["suspect"]}
     sizes = {int(k): v for k, v in doc["sizes"].items()}
     out["truth_lesions"] = len(sizes)
     if doc["reason"] is not None:
@@ -158,7 +167,11 @@ def summarise(rows: list[dict]) -> dict:
             "f1": f1(sens, precision), "pair_auroc": pair_auroc([r["score"] for r in rows], [r["changed"] for r in rows]),
             "volume_within_30": float(np.mean([abs(q - 1) <= 0.3 for q in ratios])) if ratios else math.nan,
             "volume_median_ratio": float(np.median(ratios)) if ratios else math.nan, "n_volumes": len(ratios),
-            "not_comparable": sum(r["not_comparable"] is not None for r in rows), "changed_pairs": true_findings}
+            "not_comparable": sum(r["not_comparable"] is not None for r in rows), "changed_pairs": true_findings,
+            "qc_ok": sum(r["qc_ok"] for r in rows),
+            "brain_dice_min": min((r["brain_dice"] for r in rows if r["brain_dice"] is not None), default=math.nan),
+            "brain_dice_mean": float(np.mean([r["brain_dice"] for r in rows if r["brain_dice"] is not None]))
+            if any(r["brain_dice"] is not None for r in rows) else math.nan}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -202,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:28s} {s.name:8s} sens {m['sensitivity']:.3f} ({m['lesions']}) FP/pair {m['fp_per_pair']:.2f} "
                   f"FP/stable {m['fp_per_stable']:.2f} F1 {m['f1']:.3f} pairAUROC {m['pair_auroc']:.3f} "
                   f"vol30 {m['volume_within_30']:.2f} (n={m['n_volumes']}, median x{m['volume_median_ratio']:.2f}) "
-                  f"NC {m['not_comparable']}", flush=True)
+                  f"NC {m['not_comparable']} QC {m['qc_ok']}/{m['pairs']} brain Dice {m['brain_dice_mean']:.3f} "
+                  f"(min {m['brain_dice_min']:.3f})", flush=True)
         report[name] = {"overrides": overrides, "sets": by_set}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=str))

@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .io import Image
+from .masks import gray_array
 
 if TYPE_CHECKING:
     from .encoding import EncoderSettings, FeatureMap
@@ -229,8 +230,8 @@ def score_prepared(prepared: Prepared, detector: ChangeDetector | None = None,
     timings["scoring"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
     found, pair_score = findings_of(scores, regions, labels, mask, maps,
-                                    _gray(prepared.baseline_harmonised.array),
-                                    _gray(prepared.followup_harmonised.array), spacing_zyx, scoring)
+                                    gray_array(prepared.baseline_harmonised.array),
+                                    gray_array(prepared.followup_harmonised.array), spacing_zyx, scoring)
     labels_b = np.zeros(mask.shape, np.uint16)
     for k, finding in enumerate(found, start=1):
         labels_b[tuple(finding.voxels.T)] = k
@@ -348,8 +349,8 @@ def region_features_prepared(prepared: Prepared, scoring: ScoringSettings, featu
     from .regions import component_regions
     from .scoring import change_maps, combined_change, feature_names, region_features
 
-    b_arr = _gray(prepared.baseline_harmonised.array.astype(np.float32))
-    f_arr = _gray(prepared.followup_harmonised.array.astype(np.float32))
+    b_arr = gray_array(prepared.baseline_harmonised.array.astype(np.float32))
+    f_arr = gray_array(prepared.followup_harmonised.array.astype(np.float32))
     spacing_zyx = tuple(reversed(prepared.baseline.spacing))
     maps = change_maps(b_arr, f_arr, features_b, features_f, prepared.mask, spacing_zyx, scoring)
     regions, labels = prepared.regions, prepared.labels
@@ -358,10 +359,6 @@ def region_features_prepared(prepared: Prepared, scoring: ScoringSettings, featu
                                             prepared.pipeline.regions)
     X = region_features(maps.maps, regions, prepared.mask, labels)
     return X, feature_names(maps.maps), regions, labels, maps
-
-
-def _gray(array: np.ndarray) -> np.ndarray:
-    return array.mean(-1) if array.ndim == 3 and array.shape[-1] == 3 else array
 
 
 def _on_grid(array: np.ndarray, reference: Image) -> Image:

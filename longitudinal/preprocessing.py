@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
+from scipy.stats import median_abs_deviation
 
 from .errors import InputError
 from .io import Image
@@ -204,7 +205,7 @@ def local_correction(followup: sitk.Image, baseline: sitk.Image, mask: sitk.Imag
         field = masked_smooth(np.where(use, ratio_w - curve, 0.0).astype(np.float32), use,
                               settings.local_correction_mm / (spacing * k))
         residual = (ratio_w - curve - field)[inside_w]
-        spread = 1.4826 * float(np.median(np.abs(residual - np.median(residual)))) or 1.0
+        spread = float(median_abs_deviation(residual, scale="normal")) or 1.0
         use = inside_w & (np.abs(ratio_w - curve - field) <= 3.0 * spread)
     if k > 1:
         curve = np.interp(level, xs, ys).astype(np.float32) if len(xs) >= 2 else np.zeros_like(ratio)

@@ -37,7 +37,7 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 from scipy.special import logsumexp
-from scipy.stats import genpareto
+from scipy.stats import genpareto, median_abs_deviation
 from sklearn.ensemble import IsolationForest
 from sklearn.metrics.pairwise import euclidean_distances
 from sklearn.preprocessing import RobustScaler
@@ -46,7 +46,7 @@ from sklearn.svm import OneClassSVM
 from .encoding import FeatureMap
 from .errors import InputError
 from .preprocessing import masked_smooth
-from .regions import Region
+from .regions import Region, box_sums
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def independent_regions(regions: list[Region], mask: np.ndarray, labels: np.ndar
 def _robust_z(values: np.ndarray, inside: np.ndarray) -> np.ndarray:
     sample = values[inside]
     median = float(np.median(sample))
-    scale = 1.4826 * float(np.median(np.abs(sample - median)))
+    scale = float(median_abs_deviation(sample, scale="normal"))
     if scale <= 1e-12:
         scale = float(sample.std()) or 1.0
     return ((values - median) / scale).astype(np.float32)
@@ -162,7 +162,7 @@ def intensity_change(baseline: np.ndarray, followup: np.ndarray, mask: np.ndarra
     # so the tolerated gradient is the smaller of the two visits' at each voxel.
     grad2 = np.minimum(*(sum((ndimage.sobel(v, axis=a) / (8.0 * sp[a])) ** 2 for a in range(v.ndim)) for v in (sb, sf)))
     diff = np.where(inside, sf - sb, 0.0)
-    noise = 1.4826 * float(np.median(np.abs(diff[inside]))) if inside.any() else 1.0
+    noise = float(median_abs_deviation(diff[inside], scale="normal")) if inside.any() else 1.0
     z = diff / np.sqrt(noise ** 2 + grad2 * settings.misalignment_mm ** 2 + 1e-12)
     # a lesion changes its voxels the same way: pool the signed change over about its size (matched filter)
     z = z.astype(np.float32)
@@ -251,22 +251,6 @@ def feature_names(map_names) -> tuple[str, ...]:
     return tuple(f"{m}_{stat}" for m in map_names for stat in ("mean_z", "max_z"))
 
 
-def _integral(values: np.ndarray) -> np.ndarray:
-    out = np.pad(values.astype(np.float64), [(1, 0)] * values.ndim)
-    for axis in range(values.ndim):
-        out = out.cumsum(axis)
-    return out
-
-
-def _box_sum(integral: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    ndim = lo.shape[1]
-    total = np.zeros(len(lo))
-    for corner in np.ndindex(*(2,) * ndim):
-        index = tuple(np.where(c, hi[:, k], lo[:, k]) for k, c in enumerate(corner))
-        total += (-1) ** (ndim - sum(corner)) * integral[index]
-    return total
-
-
 def _boxes(regions: list[Region]) -> tuple[np.ndarray, np.ndarray]:
     """(lo, hi) in numpy axis order."""
     lo = np.array([r.bbox[0][::-1] for r in regions], np.int64)
@@ -286,12 +270,12 @@ def region_features(maps: dict[str, np.ndarray], regions: list[Region], mask: np
         return rows
     if all(r.value is None for r in regions):
         lo, hi = _boxes(regions)
-        count = np.maximum(_box_sum(_integral(inside), lo, hi), 1)
+        count = np.maximum(box_sums(inside, lo, hi), 1)
         edge = Counter(map(tuple, hi - lo)).most_common(1)[0][0]
         centre = np.minimum(lo + np.array(edge) // 2, np.array(mask.shape) - 1)
         regular = np.all(hi - lo == np.array(edge), axis=1)
         for j, values in enumerate(maps.values()):
-            rows[:, 2 * j] = _box_sum(_integral(np.where(inside, values, 0.0)), lo, hi) / count
+            rows[:, 2 * j] = box_sums(np.where(inside, values, 0.0), lo, hi) / count
             masked = np.where(inside, values, -np.inf).astype(np.float32)
             rows[:, 2 * j + 1] = ndimage.maximum_filter(masked, size=edge, mode="constant", cval=-np.inf)[tuple(centre.T)]
             for i in np.flatnonzero(~regular):  # boxes cut by the image edge
@@ -560,7 +544,7 @@ def _trimmed_scores(detector: ChangeDetector, X, regions, mask, labels, settings
             hit = np.isin(comps, 1 + np.flatnonzero(volume_mm3 >= settings.trim_min_volume_mm3))
         if all(r.value is None for r in regions):
             lo, hi = _boxes(regions)
-            touching = _box_sum(_integral(hit), lo, hi) > 0
+            touching = box_sums(hit, lo, hi) > 0
         else:
             touching = np.array([hit[r.slices()][r.members(mask, labels)].any() for r in regions])
         if not (null & ~touching).sum() > 0.5 * len(X) or np.array_equal(null, ~touching):
