@@ -50,7 +50,7 @@ def cache_pair(args: tuple[Path, str, str, str, Path]) -> str:
 
     from longitudinal.compare import encode_prepared, prepare, region_features_prepared
     from longitudinal.masks import gray_array
-    from longitudinal.evaluation import cohort_tags, load_truth
+    from longitudinal.evaluation import load_truth
     from longitudinal.pipeline import for_image
     from longitudinal.timeline import discover, pairs
 
@@ -61,7 +61,6 @@ def cache_pair(args: tuple[Path, str, str, str, Path]) -> str:
     pipeline = for_image(baseline)
     truth = load_truth(studies, patient_id, followup_id, followup.itk)
     prepared = prepare(baseline, followup, pipeline)
-    tags = cohort_tags(studies)
     from longitudinal.evaluation import brain_truth, dice
 
     brain = brain_truth(studies, patient_id, baseline_id)
@@ -71,8 +70,7 @@ def cache_pair(args: tuple[Path, str, str, str, Path]) -> str:
            else dice(sitk.GetArrayFromImage(roi) > 0, sitk.GetArrayFromImage(brain) > 0),
            "qc": prepared.registration.qc.to_dict(),
            "sizes": {str(k): v for k, v in truth.sizes.items()}, "reason": prepared.reason,
-           "tags": tags.get((patient_id, followup_id), {}), "baseline_tags": tags.get((patient_id, baseline_id), {}),
-           "spacing_zyx": list(reversed(baseline.spacing))}
+           "baseline": baseline_id, "spacing_zyx": list(reversed(baseline.spacing))}
     arrays: dict[str, np.ndarray] = {}
     if prepared.reason is None:
         scoring = pipeline.scoring
@@ -104,7 +102,7 @@ def cache_pair(args: tuple[Path, str, str, str, Path]) -> str:
     return f"{path.name}: {doc['seconds']} s"
 
 
-def score_cached(path: Path, overrides: dict) -> dict:
+def score_cached(path: Path, overrides: dict, tags: dict) -> dict:
     """One cached pair under one variant: what was found, against the truth on the baseline grid."""
     from longitudinal.compare import findings_of
     from longitudinal.pipeline import load
@@ -114,8 +112,10 @@ def score_cached(path: Path, overrides: dict) -> dict:
     with np.load(path, allow_pickle=False) as z:
         doc = json.loads(str(z["meta"]))
         arrays = {k: z[k] for k in z.files if k != "meta"}
-    out = {"patient": doc["patient"], "visit": doc["visit"], "changed": doc["changed"], "tags": doc["tags"],
-           "baseline_tags": doc["baseline_tags"], "not_comparable": doc["reason"], "brain_dice": doc["brain_dice"],
+    out = {"patient": doc["patient"], "visit": doc["visit"], "changed": doc["changed"],
+           "tags": tags.get((doc["patient"], doc["visit"]), {}), "baseline_tags": tags.get((doc["patient"],
+                                                                                            doc["baseline"]), {}),
+           "not_comparable": doc["reason"], "brain_dice": doc["brain_dice"],
            "qc_ok": not doc["qc"]["suspect"]}
     sizes = {int(k): v for k, v in doc["sizes"].items()}
     out["truth_lesions"] = len(sizes)
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     for s in args.sets:
         if "validation" in str(s.resolve()):
             sys.exit(f"{s}: refusing to tune on a validation split (tune on dev, report on validation)")
+    from longitudinal.evaluation import cohort_tags
     from longitudinal.timeline import discover, pairs
 
     todo = []
@@ -209,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
         overrides = VARIANTS[name] if name in VARIANTS else json.loads(name)
         by_set = {}
         for s in args.sets:
-            rows = [score_cached(t[4], overrides) for t in todo if t[0] == s]
+            tags = cohort_tags(s)
+            rows = [score_cached(t[4], overrides, tags) for t in todo if t[0] == s]
             by_set[s.name] = {"summary": summarise(rows), "rows": rows}
             m = by_set[s.name]["summary"]
             print(f"{name:28s} {s.name:8s} sens {m['sensitivity']:.3f} ({m['lesions']}) FP/pair {m['fp_per_pair']:.2f} "

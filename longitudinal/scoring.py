@@ -27,6 +27,7 @@ regions and shows 1 finding at 1e-4 per region (2.2 regions expected, overlappin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import Counter
@@ -36,12 +37,7 @@ from typing import Literal
 
 import numpy as np
 from scipy import ndimage
-from scipy.special import logsumexp
 from scipy.stats import genpareto, median_abs_deviation
-from sklearn.ensemble import IsolationForest
-from sklearn.metrics.pairwise import euclidean_distances
-from sklearn.preprocessing import RobustScaler
-from sklearn.svm import OneClassSVM
 
 from .encoding import FeatureMap
 from .errors import InputError
@@ -64,7 +60,7 @@ MODEL_FORMAT = "longitudinal.ChangeDetector"  # normative model files (modelfile
 class ScoringSettings:
     """How change is measured and when a region is flagged; a `[scoring]` TOML table sets these by name."""
 
-    detector: Literal["ocsvm", "iforest"] = "ocsvm"
+    detector: str = "ocsvm"  # a name registered in `detectors` (ocsvm, iforest, ...)
     nu: float = 0.05  # OCSVM: upper bound on the fraction of fitting regions treated as outliers
     gamma: float | str = 0.5  # RBF width on robustly scaled features (10-90 % range = 1)
     n_estimators: int = 200  # Isolation Forest
@@ -102,8 +98,10 @@ class ScoringSettings:
         object.__setattr__(self, "maps", tuple(self.maps))
         if self.normative_model is not None:
             object.__setattr__(self, "normative_model", Path(self.normative_model))
-        if self.detector not in ("ocsvm", "iforest"):
-            raise ValueError(f"detector {self.detector!r} must be 'ocsvm' or 'iforest'")
+        from .detectors import DETECTORS
+
+        if self.detector not in DETECTORS:
+            raise ValueError(f"detector {self.detector!r} must be one of {', '.join(sorted(DETECTORS))}")
         if not self.maps or any(m not in MAP_KINDS for m in self.maps):
             raise ValueError(f"maps {self.maps!r} must be a non-empty subset of {MAP_KINDS}")
         if not self.false_findings_per_pair > 0.0:
@@ -354,9 +352,11 @@ class TailCalibration:
 
 
 class ChangeDetector:
-    """One-class model of unchanged regions: fit / score_samples / save / load, as scikit-learn estimators.
+    """A region detector (`detectors`: fit / decision_function) with its scores calibrated to p-values.
 
-    `score_samples` returns -log10 p-values against the regions it was calibrated on (all fitting regions)."""
+    Fitted within a pair, every region is judged by a model that did not learn from it (`held_out_decision`) and
+    the calibration null is the pair's own regions; a normative model is fitted on stable pairs of a cohort and
+    saved with `save` (arrays + JSON). `score_samples` returns -log10 p-values against the calibration null."""
 
     def __init__(self, settings: ScoringSettings = ScoringSettings()):
         self.settings = settings
@@ -365,53 +365,24 @@ class ChangeDetector:
         X = np.asarray(X, np.float64)
         if len(X) < 20:
             raise InputError(None, f"too few regions ({len(X)}) to learn what unchanged anatomy looks like")
+        self._fit_detector(X, feature_names_)
         s = self.settings
-        rng = np.random.default_rng(s.seed)
-        chosen = np.arange(len(X)) if len(X) <= s.max_fit_regions else np.sort(
-            rng.choice(len(X), s.max_fit_regions, replace=False))
-        self._fit_rows(X[chosen], feature_names_)
-        self.fitted_rows_ = chosen  # which rows of X were fitted on, to leave each out of its own score
         self.calibration_ = TailCalibration.fit(self.raw(X, fitted=True), s.tail_fraction, s.tail_shape)
         self.n_fit_ = len(X)
         return self
 
-    def _fit_rows(self, fit_rows: np.ndarray, feature_names_: tuple[str, ...]) -> "ChangeDetector":
-        """The scaler and the one-class model on these rows (deterministic for a given seed)."""
-        s = self.settings
+    def _fit_detector(self, X: np.ndarray, feature_names_: tuple[str, ...]) -> "ChangeDetector":
+        from .detectors import make_detector
+
         self.feature_names_ = tuple(feature_names_)
-        self.fit_rows_ = fit_rows
-        self.scaler_ = RobustScaler(quantile_range=(10.0, 90.0)).fit(fit_rows)
-        Z = self._scaled(fit_rows)
-        if s.detector == "ocsvm":
-            self.model_ = OneClassSVM(kernel="rbf", nu=s.nu, gamma=s.gamma).fit(Z)
-        else:
-            self.model_ = IsolationForest(n_estimators=s.n_estimators, random_state=s.seed).fit(Z)
+        self.detector_ = make_detector(self.settings.detector, **asdict(self.settings)).fit(X)
+        self.fit_rows_ = X[self.detector_.fitted_rows_]
         return self
 
-    def _scaled(self, X: np.ndarray) -> np.ndarray:
-        # Change is one-sided: a region changing less than the typical one is as unchanged as the typical one,
-        # so values below the median are clipped to it and the detector only models 'more change than usual'.
-        return np.maximum(self.scaler_.transform(np.asarray(X, np.float64)), 0.0)
-
     def raw(self, X: np.ndarray, fitted: bool = False) -> np.ndarray:
-        """Uncalibrated change, higher = less like unchanged anatomy.
-
-        OCSVM: -log of its kernel expansion sum_i a_i exp(-gamma |x - sv_i|^2) (= decision function + rho),
-        evaluated in the log domain. The decision function itself saturates at -rho far from every support
-        vector, so a region twice as far out as another would get the same score; the log does not.
-        `fitted`: X is the array the detector was fitted on (within a pair). An outlying region is then a
-        support vector itself, and its own term exp(0) would make it look typical: it is left out, so every
-        region is judged against the others.
-        Isolation Forest: its negated decision function."""
-        Z = self._scaled(X)
-        if not isinstance(self.model_, OneClassSVM):
-            return -self.model_.decision_function(Z)
-        sv, alpha = self.model_.support_vectors_, self.model_.dual_coef_[0]
-        log_terms = np.log(np.maximum(alpha, 1e-300))[None, :] - self.model_._gamma * euclidean_distances(Z, sv, squared=True)
-        if fitted:
-            own_row = self.fitted_rows_[self.model_.support_]  # the row of X each support vector came from
-            log_terms[own_row, np.arange(len(own_row))] = -np.inf
-        return -logsumexp(log_terms, axis=1)
+        """Uncalibrated change, higher = less like unchanged anatomy; `fitted`: X is the array the detector was
+        fitted on (within a pair), and each row is judged by a model that did not learn from it."""
+        return self.detector_.held_out_decision(X) if fitted else self.detector_.decision_function(X)
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
         return self.calibration_.score(self.raw(X))
@@ -452,7 +423,8 @@ class ChangeDetector:
             n_fit = int(meta["n_fit"])
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(path, f"normative model file is inconsistent ({type(exc).__name__}: {exc})") from None
-        detector = cls(settings)._fit_rows(fit_rows, names)
+        detector = cls(dataclasses.replace(settings, max_fit_regions=max(len(fit_rows), 10)))._fit_detector(
+            fit_rows, names)
         detector.calibration_ = calibration
         detector.n_fit_ = n_fit
         return detector
