@@ -204,6 +204,8 @@ def _batch_arguments(p: argparse.ArgumentParser) -> None:
                    help="how STUDIES is organised (default: detect)")
     p.add_argument("--series-description", metavar="REGEX",
                    help="pick the DICOM series whose SeriesDescription matches REGEX in each visit")
+    p.add_argument("--output-layout", choices=("default", "bids"), default="default",
+                   help="bids: OUT is a BIDS-derivatives dataset (reports under OUT/reports/)")
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -212,7 +214,8 @@ def _batch(args: argparse.Namespace) -> int:
 
     summary = run_batch(args.studies, args.out, pipeline=_pipeline(args.pipeline), jobs=args.jobs,
                         against=args.against, deidentify=args.deidentify, progress=not args.no_progress,
-                        timeline=TimelineSettings(layout=args.layout, series_description=args.series_description))
+                        timeline=TimelineSettings(layout=args.layout, series_description=args.series_description),
+                        output_layout=args.output_layout)
     print(f"{summary.ok} compared, {summary.skipped} up to date, {summary.failed} failed; "
           f"summary: {summary.summary_html}")
     return EXIT_BUG if summary.failed else EXIT_OK  # 1: some pairs failed (listed in the summary)

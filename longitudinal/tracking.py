@@ -14,7 +14,7 @@ the patient, the visit it was first seen at and its finding number there, so a r
 `lesion_table` writes `lesions.tsv` (+ `lesions.json`, the column descriptions): each lesion's volume at
 every visit and, like FreeSurfer's `long_stats_slopes`, the temporal average (`avg`, the linear fit at the
 middle of the visits), the rate (`rate`, the slope per year), the percent change per year relative to the
-first visit (`pc1`) and relative to the average (`spc`). The volume is what the pair measured: the finding's
+first visit's value (`pc1`) and relative to the average (`spc`), over the visits where the lesion was found. The volume is what the pair measured: the finding's
 changed tissue against its reference visit (the baseline, or the visit before), not a lesion segmentation.
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as dt
+import hashlib
 import io as _io
 import json
 import math
@@ -187,12 +188,17 @@ class Tracking:
         return {}
 
 
+def first_seen_tracking(patient: str, visit: str, finding_ids: Sequence[int]) -> dict[int, tuple[str, str]]:
+    """The tracking `track` gives the findings of a patient's first compared follow-up (L1, L2, ... by finding
+    number): what a pair's DICOM can carry before the patient's other pairs are done."""
+    return {fid: (f"L{n}", tracking_uid(patient, visit, fid)) for n, fid in enumerate(finding_ids, start=1)}
+
+
 def tracking_uid(patient: str, visit: str, finding_id: int) -> str:
     """A lesion's DICOM Tracking UID: a hash of where it was first seen (same inputs, same UID; no identity in it
     beyond what `patient` holds: pass the pseudonym when de-identifying)."""
-    from pydicom.uid import generate_uid
-
-    return str(generate_uid(prefix=None, entropy_srcs=["longitudinal lesion", patient, visit, str(finding_id)]))
+    digest = hashlib.sha256("\0".join(["longitudinal lesion", patient, visit, str(finding_id)]).encode()).digest()
+    return "2.25." + str(int.from_bytes(digest[:16], "big"))
 
 
 def _shared_grid(a: FindingsRecord, b: FindingsRecord) -> tuple[sitk.Image, sitk.Image] | None:
@@ -308,7 +314,7 @@ class Slopes:
 
     avg: float  # the fit at the middle of the visits (temporal average)
     rate: float  # slope per year
-    pc1: float  # rate in % of the fit at the first visit, per year
+    pc1: float  # rate in % of the value measured at the first visit, per year
     spc: float  # rate in % of avg, per year (symmetrized percent change)
 
 
@@ -319,7 +325,7 @@ def slopes(years: Sequence[float], values: Sequence[float]) -> Slopes | None:
         return None
     centre = t.mean()
     rate, avg = np.polyfit(t - centre, y, 1)
-    first = avg + rate * (t.min() - centre)
+    first = y[np.argmin(t)]
     pc1 = 100.0 * rate / first if first else math.nan
     spc = 100.0 * rate / avg if avg else math.nan
     return Slopes(avg=float(avg), rate=float(rate), pc1=float(pc1), spc=float(spc))
@@ -375,8 +381,9 @@ def _iso(d: str | None) -> str | None:
     return day.isoformat() if day else None
 
 
-def lesion_table(tracking: Tracking, folder: str | os.PathLike) -> dict[str, Path]:
-    """lesions.tsv (n/a for a visit where the lesion was not found) and lesions.json (what each column is)."""
+def lesion_table(tracking: Tracking, folder: str | os.PathLike, prefix: str = "") -> dict[str, Path]:
+    """lesions.tsv (n/a for a visit where the lesion was not found) and lesions.json (what each column is);
+    prefix: put before both names (a BIDS layout writes `sub-<label>_lesions.tsv`)."""
     columns, rows = lesion_rows(tracking)
     buf = _io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, delimiter="\t", lineterminator="\n")
@@ -385,8 +392,8 @@ def lesion_table(tracking: Tracking, folder: str | os.PathLike) -> dict[str, Pat
         writer.writerow({k: "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
                          for k, v in row.items()})
     folder = Path(folder)
-    return {"table": atomic_write_text(folder / LESION_FILES["table"], buf.getvalue()),
-            "sidecar": atomic_write_text(folder / LESION_FILES["sidecar"],
+    return {"table": atomic_write_text(folder / (prefix + LESION_FILES["table"]), buf.getvalue()),
+            "sidecar": atomic_write_text(folder / (prefix + LESION_FILES["sidecar"]),
                                          json.dumps(_sidecar(columns), indent=1) + "\n")}
 
 
@@ -403,7 +410,7 @@ def _sidecar(columns: list[str]) -> dict[str, dict[str, str]]:
                            "Units": "mm3"},
         "volume_mm3_rate": {"Description": "slope of that fit (FreeSurfer rate); n/a when found at one visit",
                             "Units": "mm3/year"},
-        "volume_mm3_pc1": {"Description": "rate in percent of the fit at the first visit where it was found "
+        "volume_mm3_pc1": {"Description": "rate in percent of the volume at the first visit where it was found "
                                           "(FreeSurfer pc1)", "Units": "%/year"},
         "volume_mm3_spc": {"Description": "rate in percent of the temporal average (FreeSurfer spc, symmetrized "
                                           "percent change)", "Units": "%/year"},
@@ -453,12 +460,13 @@ def plot_lesions(tracking: Tracking, path: str | os.PathLike, dpi: int = 90) -> 
 
 
 def finish_patient(folders: Sequence[str | os.PathLike], patient_folder: str | os.PathLike, patient: str,
-                   settings: TrackingSettings = TrackingSettings()) -> tuple[Tracking, dict[str, Path]]:
+                   settings: TrackingSettings = TrackingSettings(), prefix: str = "") -> tuple[Tracking, dict[str, Path]]:
     """Batch hook, once per patient after its pairs: track, then lesions.tsv, lesions.json and lesions.png in
-    the patient's folder. Returns the tracking (its `for_record(k)` gives pair k's DICOM tracking) and paths."""
+    the patient's folder (names after `prefix`). Returns the tracking (`for_folder` gives a pair's DICOM
+    tracking) and the paths written."""
     tracking = track_folders(folders, patient, settings)
-    paths = lesion_table(tracking, patient_folder)
-    plot = plot_lesions(tracking, Path(patient_folder) / LESION_FILES["plot"])
+    paths = lesion_table(tracking, patient_folder, prefix)
+    plot = plot_lesions(tracking, Path(patient_folder) / (prefix + LESION_FILES["plot"]))
     if plot is not None:
         paths["plot"] = plot
     return tracking, paths
