@@ -7,7 +7,7 @@ When the follow-up came from DICOM, `write_dicom_outputs` writes, next to the ot
   referencing the follow-up's source images. Frames are matched to their source files by
   ImagePositionPatient, never by file order.
 - `findings_sr.dcm`: a Comprehensive 3D SR, TID 1500 Measurement Report: the follow-up's progression score
-  (TID 1501, also when nothing was found), then per finding (TID 1411) its volume, largest diameter, mean
+  (TID 1501, also when nothing was found), then per finding (TID 1411) its volume (2D: area), largest diameter, mean
   signed change (%) and calibrated score, a reference to its segment in the SEG and to the source series; every
   group with a Time Point Context (the follow-up, its order among the visits, its offset in days from the
   baseline) and the algorithm (longitudinal version, pipeline name and version, encoder checksum).
@@ -36,7 +36,6 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
 
 from . import __version__
 from .compare import Comparison
@@ -357,16 +356,18 @@ def _report(record: FindingsRecord, headers: list[Dataset], seg, present: list[F
         measurements=[hd.sr.Measurement(name=codes.SCT.Score, value=round(record.progression_score or 0.0, 3),
                                         unit=codes.UCUM.NoUnits, derivation=codes.SCT.Maximum)])]
     for number, f in enumerate(present, start=1):
+        common = dict(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=tracked[f.id].tracking_uid,
+                                                         identifier=tracked[f.id].tracking_id),
+            time_point_context=_time_point(record, visit_order), finding_type=codes.SCT.Lesion,
+            finding_category=codes.SCT.MorphologicallyAbnormalStructure, algorithm_id=sr_algorithm,
+            measurements=_measurements(f, record.planar))
+        # TID 1411 also for a 2D follow-up: TID 1410's segmentation-frame reference, as highdicom writes it
+        # (frame and segment number both), is refused by dciodvfy
         segment = hd.sr.ReferencedSegment(
             sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=number,
             source_series=hd.sr.SourceSeriesForSegmentation(headers[0].SeriesInstanceUID))
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=tracked[f.id].tracking_uid,
-                                                         identifier=tracked[f.id].tracking_id),
-            referenced_segment=segment, time_point_context=_time_point(record, visit_order),
-            finding_type=codes.SCT.Lesion, finding_category=codes.SCT.MorphologicallyAbnormalStructure,
-            algorithm_id=sr_algorithm,
-            measurements=_measurements(f, record.planar)))
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=segment, **common))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=_procedure(record.modality), imaging_measurements=groups)

@@ -263,3 +263,28 @@ def test_dicom_out_flags(tmp_path, series_writer, nibabel_file):
     not_comparable = Comparison(**{**from_dicom.__dict__, "verdict": "not comparable"})
     assert not wants_dicom_outputs(not_comparable, None)
     assert write_dicom_outputs(not_comparable, tmp_path / "nc") == {}
+
+
+def test_a_single_slice_followup(tmp_path, pydicom_file):
+    """A 2D follow-up (one MR slice with its position): one frame, area instead of volume."""
+    image = load_image(pydicom_file("MR_small.dcm"))
+    assert image.dim == 2
+    labels = np.zeros(tuple(reversed(image.size)), np.uint16)
+    labels[10:20, 30:36] = 1
+    itk = sitk.GetImageFromArray(labels)
+    itk.CopyInformation(image.itk)
+    finding = ScoredRegion(id=1, label="change", centre_mm=(0.0, 0.0), bbox=((30, 10), (36, 20)), volume_mm3=37.5,
+                           score=6.0, flagged=True, diameter_mm=8.0, mean_change_pct=12.0)
+    comparison = Comparison(
+        baseline=image, followup=image, registered=image, baseline_harmonised=image, followup_harmonised=image,
+        change_map_baseline=image.with_itk(itk), change_map=image.with_itk(itk), flagged_mask=image.with_itk(itk),
+        regions=(finding,), progression_score=6.0, progression=True, threshold=4.0, false_alarm_rate=1e-4,
+        registration=None, pipeline=load("generic-2d"), encoder={"name": "none"}, timings_s={},
+        verdict="progression", finding_labels=image.with_itk(itk), finding_labels_baseline=image.with_itk(itk))
+    paths = write_dicom_outputs(comparison, tmp_path)
+    seg = hd.seg.segread(paths["seg"])
+    assert np.array_equal(np.asarray(seg.pixel_array).reshape(labels.shape) > 0, labels > 0)
+    group, = hd.sr.srread(paths["sr"]).content.get_volumetric_roi_measurement_groups()
+    assert {m.name.meaning: m.value for m in group.get_measurements()}["Area"] == 37.5
+    assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+    assert dciodvfy(paths["seg"]) == [] and dciodvfy(paths["sr"]) == []

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import highdicom as hd
@@ -15,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 from longitudinal.batch import run_batch
-from longitudinal.tracking import (FindingMeasures, FindingsRecord, first_seen_tracking, lesion_rows, lesion_table,
+from longitudinal.tracking import (FindingMeasures, FindingsRecord, TrackingSettings, first_seen_tracking, lesion_table,
                                    slopes, track, track_folders, tracking_uid)
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_studies"
@@ -83,8 +82,6 @@ def test_links_are_one_to_one_and_limited_by_distance():
     v3 = _ball((10, 20, 29), 2, 1)                       # 8 - 2 - 3 = 3 mm gap: linked at 5 mm, not at 2 mm
     records = [_record("v0", "v1", "20200701", v1), _record("v0", "v3", "20210101", v3)]
     assert len(track(records, "p").lesions) == 1
-    from longitudinal.tracking import TrackingSettings
-
     assert len(track(records, "p", TrackingSettings(max_distance_mm=2.0)).lesions) == 2
 
 
