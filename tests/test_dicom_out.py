@@ -288,3 +288,72 @@ def test_a_single_slice_followup(tmp_path, pydicom_file):
     assert {m.name.meaning: m.value for m in group.get_measurements()}["Area"] == 37.5
     assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
     assert dciodvfy(paths["seg"]) == [] and dciodvfy(paths["sr"]) == []
+
+
+# --------------------------------------------------------------------------- a real PACS
+
+_ORTHANC_CLIENT = r'''
+import email.parser, json, sys, time, urllib.request
+base, files, study, wanted = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+def call(path, data=None, accept=None):
+    request = urllib.request.Request(base + path, data=data, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.read(), response.headers.get("Content-Type", "")
+for _ in range(100):
+    try:
+        call("/system"); break
+    except OSError:
+        time.sleep(0.1)
+for f in files:
+    call("/instances", open(f, "rb").read())
+found = {}
+for series in json.loads(call(f"/dicom-web/studies/{study}/series", accept="application/dicom+json")[0]):
+    found[series["0008103E"]["Value"][0]] = series["0020000E"]["Value"][0]
+out = {}
+for description in wanted:
+    series = found[description]
+    instances = json.loads(call(f"/dicom-web/studies/{study}/series/{series}/instances",
+                                accept="application/dicom+json")[0])
+    sop = instances[0]["00080018"]["Value"][0]
+    body, kind = call(f"/dicom-web/studies/{study}/series/{series}/instances/{sop}",
+                      accept='multipart/related; type="application/dicom"')
+    message = email.parser.BytesParser().parsebytes(b"Content-Type: " + kind.encode() + b"\r\n\r\n" + body)
+    part, = [p for p in message.walk() if p.get_content_type() == "application/dicom"]
+    out[description] = sys.argv[5] + "/" + description.replace(" ", "_") + ".dcm"
+    open(out[description], "wb").write(part.get_payload(decode=True))
+print(json.dumps(out))
+call("/tools/shutdown", b"")
+'''
+
+
+def test_seg_and_sr_go_through_orthancs_dicomweb(sample, tmp_path):
+    """Upload the follow-up, its SEG and SR to Orthanc (in a private network namespace: it listens on every
+    interface), find them with QIDO-RS and fetch them with WADO-RS: they come back as written."""
+    import json
+    import sys
+
+    orthanc, plugin = shutil.which("Orthanc"), Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+    if orthanc is None or not plugin.exists() or shutil.which("unshare") is None:
+        pytest.skip("Orthanc with its DICOMweb plugin (Debian orthanc, orthanc-dicomweb) and unshare needed")
+    comparison, _, plain, _, _ = sample
+    config = {"Name": "test", "StorageDirectory": str(tmp_path / "db"), "IndexDirectory": str(tmp_path / "db"),
+              "HttpPort": 8042, "DicomPort": 4242, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+              "Plugins": [str(plugin)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    (tmp_path / "orthanc.json").write_text(json.dumps(config))
+    (tmp_path / "client.py").write_text(_ORTHANC_CLIENT)
+    files = [*comparison.followup.meta.sources, str(plain["seg"]), str(plain["sr"])]
+    study = str(pydicom.dcmread(plain["seg"], stop_before_pixels=True).StudyInstanceUID)
+    wanted = ["longitudinal findings (SEG)", "longitudinal findings (TID 1500)"]
+    script = (f"ip link set lo up || exit 9; {orthanc} {tmp_path / 'orthanc.json'} >{tmp_path / 'orthanc.log'} 2>&1 & "
+              f"pid=$!; {sys.executable} {tmp_path / 'client.py'} http://127.0.0.1:8042 '{json.dumps(files)}' "
+              f"{study} '{json.dumps(wanted)}' {tmp_path}; status=$?; kill $pid 2>/dev/null; wait $pid; exit $status")
+    done = subprocess.run(["unshare", "--net", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 and "unshare failed" in done.stderr:
+        pytest.skip(f"no private network namespace here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    fetched = json.loads(done.stdout.strip().splitlines()[-1])
+    seg = hd.seg.segread(fetched[wanted[0]])
+    assert seg.SOPInstanceUID == pydicom.dcmread(plain["seg"]).SOPInstanceUID
+    assert np.array_equal(seg.pixel_array, hd.seg.segread(plain["seg"]).pixel_array)
+    groups = hd.sr.srread(fetched[wanted[1]]).content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == len(comparison.findings)

@@ -8,6 +8,7 @@ installed twice); plain `.pth` lines do not run the current environment's editab
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -41,8 +42,10 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str], Path]:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, src / name)
     shutil.copytree(ROOT / "longitudinal", src / "longitudinal", ignore=shutil.ignore_patterns("__pycache__"))
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--wheel-dir",
-          str(tmp / "dist"), str(src)], tmp, env)
+    # the current environment's setuptools when it has one (no download); otherwise pip's isolated build
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "--wheel-dir", str(tmp / "dist"),
+          str(src)], tmp, env)
     wheel = next((tmp / "dist").glob("longitudinal-*.whl"))
     venv = tmp / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp, env)
