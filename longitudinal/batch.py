@@ -233,11 +233,12 @@ def _run_pair(task: _Task) -> PairResult:
         baseline = pair.baseline.load()
         followup = pair.followup.load()
         comparison = compare_fn(baseline, followup, task.pipeline)
+        if task.interop is not None:  # before the report, whose `.complete` marks the folder finished
+            (task.out_dir / task.folder / report.COMPLETE).unlink(missing_ok=True)
+            _interop_pair(task, comparison)
         report.write_outputs(comparison, task.out_dir / task.folder, deidentify=task.deidentify,
                              deid_key=task.deid_key, secrets=task.secrets, patient_id=task.patient_id,
                              stamp=task.stamp, settings=task.report_settings)
-        if task.interop is not None:
-            _interop_pair(task, comparison)
         return PairResult(**base, status="ok", **_figures(comparison), seconds=time.perf_counter() - t0)
     except Exception as exc:  # one bad pair must not stop a cohort run; the summary carries the reason
         log.warning("pair %d/%d failed (%s); see %s", task.index, task.total, type(exc).__name__, SUMMARY_CSV)
@@ -591,6 +592,9 @@ def _interop_pair(task: _Task, comparison: Any) -> None:
     from .tracking import first_seen_tracking, write_findings_record
 
     hook, folder = task.interop, task.out_dir / task.folder
+    if comparison.finding_labels is None or comparison.finding_labels_baseline is None:
+        log.debug("pair %d: no finding labels, so no findings record, BIDS files or DICOM objects", task.index)
+        return
     write_findings_record(comparison, folder, baseline_visit=hook.baseline_visit, followup_visit=hook.followup_visit)
     if hook.bids is not None:
         write_bids_pair(comparison, task.out_dir, hook.bids)
