@@ -81,7 +81,8 @@ class BidsPair:
             "dseg": base / f"{self.stem}_desc-findings_dseg.nii.gz",
             "dseg_tsv": base / f"{self.stem}_desc-findings_dseg.tsv",
             "xfm": base / f"sub-{self.subject}_from-{self.session}_to-{self.baseline_session}_mode-image_xfm.txt",
-            "xfm_inverse": base / f"sub-{self.subject}_from-{self.baseline_session}_to-{self.session}_mode-image_xfm.txt",
+            "xfm_inverse": (base / f"sub-{self.subject}_from-{self.baseline_session}_to-{self.session}"
+                                   "_mode-image_xfm.txt"),
         }
 
 
@@ -148,7 +149,8 @@ def write_bids_pair(comparison: Comparison, root: str | os.PathLike, pair: BidsP
     except RuntimeError:  # a B-spline stage has no closed-form inverse
         (root / names["xfm_inverse"]).unlink(missing_ok=True)
     else:
-        written["xfm_inverse"] = atomic_write(root / names["xfm_inverse"], lambda tmp: sitk.WriteTransform(inverse, tmp))
+        written["xfm_inverse"] = atomic_write(root / names["xfm_inverse"],
+                                              lambda tmp: sitk.WriteTransform(inverse, tmp))
     return written
 
 

@@ -14,8 +14,9 @@ the patient, the visit it was first seen at and its finding number there, so a r
 `lesion_table` writes `lesions.tsv` (+ `lesions.json`, the column descriptions): each lesion's volume at
 every visit and, like FreeSurfer's `long_stats_slopes`, the temporal average (`avg`, the linear fit at the
 middle of the visits), the rate (`rate`, the slope per year), the percent change per year relative to the
-first visit's value (`pc1`) and relative to the average (`spc`), over the visits where the lesion was found. The volume is what the pair measured: the finding's
-changed tissue against its reference visit (the baseline, or the visit before), not a lesion segmentation.
+first visit's value (`pc1`) and relative to the average (`spc`), over the visits where the lesion was found.
+The volume is what the pair measured: the finding's changed tissue against its reference visit (the baseline,
+or the visit before), not a lesion segmentation.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ class FindingsRecord:
                    followup_visit=followup_visit or follow.study_date or "follow-up",
                    baseline_date=base.study_date, followup_date=follow.study_date, findings=findings,
                    labels=comparison.finding_labels.itk, labels_baseline=comparison.finding_labels_baseline.itk,
-                   verdict=comparison.verdict, progression_score=comparison.progression_score,
+                   verdict=comparison.verdict,
+                   progression_score=(None if comparison.progression_score is None
+                                      else float(comparison.progression_score)),
                    threshold=float(comparison.threshold), modality=follow.modality,
                    pipeline=(comparison.pipeline.name, comparison.pipeline.version),
                    encoder={k: str(v) for k, v in dict(comparison.encoder or {}).items() if k in ("name", "sha256",
@@ -106,8 +109,8 @@ class FindingsRecord:
         folder = Path(folder)
         doc = {"baseline_visit": self.baseline_visit, "followup_visit": self.followup_visit,
                "baseline_date": self.baseline_date, "followup_date": self.followup_date, "verdict": self.verdict,
-               "progression_score": self.progression_score, "threshold": self.threshold, "modality": self.modality, "pipeline": list(self.pipeline), "encoder": self.encoder,
-               "dim": self.labels.GetDimension(),
+               "progression_score": self.progression_score, "threshold": self.threshold, "modality": self.modality,
+               "pipeline": list(self.pipeline), "encoder": self.encoder, "dim": self.labels.GetDimension(),
                "findings": [{"id": f.id, "volume_mm3": f.volume_mm3, "diameter_mm": f.diameter_mm,
                              "mean_change_pct": f.mean_change_pct, "score": f.score, "centre_mm": list(f.centre_mm)}
                             for f in self.findings]}
@@ -460,7 +463,8 @@ def plot_lesions(tracking: Tracking, path: str | os.PathLike, dpi: int = 90) -> 
 
 
 def finish_patient(folders: Sequence[str | os.PathLike], patient_folder: str | os.PathLike, patient: str,
-                   settings: TrackingSettings = TrackingSettings(), prefix: str = "") -> tuple[Tracking, dict[str, Path]]:
+                   settings: TrackingSettings = TrackingSettings(),
+                   prefix: str = "") -> tuple[Tracking, dict[str, Path]]:
     """Batch hook, once per patient after its pairs: track, then lesions.tsv, lesions.json and lesions.png in
     the patient's folder (names after `prefix`). Returns the tracking (`for_folder` gives a pair's DICOM
     tracking) and the paths written."""

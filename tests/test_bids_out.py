@@ -23,7 +23,8 @@ SAMPLES = Path(__file__).resolve().parent.parent / "sample_studies"
 
 def validator_errors(root: Path) -> list[dict]:
     # installed with the test extra, next to this interpreter (the venv need not be activated)
-    exe = shutil.which("bids-validator-deno", path=str(Path(sys.executable).parent)) or shutil.which("bids-validator-deno")
+    exe = (shutil.which("bids-validator-deno", path=str(Path(sys.executable).parent))
+           or shutil.which("bids-validator-deno"))
     if exe is None:
         pytest.skip("bids-validator-deno not installed (pip install -e '.[test]' installs it)")
     done = subprocess.run([exe, "--format", "json", str(root)], capture_output=True, text=True, timeout=300)
@@ -111,7 +112,8 @@ def test_files_hold_what_the_pair_found(bids):
     # the cohort table lists every pair, and the tracked lesions sit with their subject
     changes = _rows(out / "changes.tsv")
     assert [(r["participant_id"], r["session_id"], r["verdict"]) for r in changes] == [
-        ("sub-01", "ses-02", "progression"), ("sub-01", "ses-03", "progression"), ("sub-03", "ses-02", "no progression")]
+        ("sub-01", "ses-02", "progression"), ("sub-01", "ses-03", "progression"),
+        ("sub-03", "ses-02", "no progression")]
     assert int(changes[1]["n_findings"]) == len(findings)
     lesions = _rows(out / "sub-01" / "sub-01_lesions.tsv")
     assert sum(int(r["n_seen"]) for r in lesions) == int(changes[0]["n_findings"]) + int(changes[1]["n_findings"])
