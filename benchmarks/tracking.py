@@ -9,8 +9,10 @@ findings (`tracking.track_folders`) and names each finding by the truth change i
 centre mapped into the follow-up by the pair's transform, within half the change's diameter + `--slack-mm`.
 
 Printed: links (two consecutive appearances of one tracked lesion), correct links (both ends the same truth
-change) / all links, links with an end that is no truth change (a false finding), and truth changes found at two
-or more follow-ups whose findings were given different IDs (split tracks).
+change) / all links; the other links by kind: two different truth changes joined (a tracking error), a truth
+change joined to a false finding, two false findings joined (a false finding that persists: the detector's
+error, not the tracker's); and truth changes found at two or more follow-ups whose findings were given
+different IDs (split tracks).
 """
 
 from __future__ import annotations
@@ -55,18 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--pipeline", default=None, help="pipeline name or TOML (default: by image kind)")
     parser.add_argument("--max-distance-mm", type=float, default=TrackingSettings().max_distance_mm)
+    parser.add_argument("--evaluate-only", action="store_true", help="no batch: evaluate what OUT holds")
     parser.add_argument("--slack-mm", type=float, default=3.0, help="how far outside a truth change a finding's "
                                                                     "centre may lie and still be that change")
     args = parser.parse_args(argv)
 
-    clock = time.perf_counter()
-    summary = run_batch(args.studies, args.out, pipeline=args.pipeline, jobs=args.jobs, against=args.against,
-                        progress=False, dicom_out=False)
-    print(f"batch: {summary.ok} compared, {summary.skipped} from an earlier run, {summary.failed} failed "
-          f"({time.perf_counter() - clock:.0f} s)")
+    if not args.evaluate_only:
+        clock = time.perf_counter()
+        summary = run_batch(args.studies, args.out, pipeline=args.pipeline, jobs=args.jobs, against=args.against,
+                            progress=False, dicom_out=False)
+        print(f"batch: {summary.ok} compared, {summary.skipped} from an earlier run, {summary.failed} failed "
+              f"({time.perf_counter() - clock:.0f} s)")
     truth_root = args.studies / "derivatives" / "changes"
     settings = TrackingSettings(max_distance_mm=args.max_distance_mm)
-    links = correct = false_end = split = multi_visit = patients = 0
+    links = correct = swapped = half_false = both_false = split = multi_visit = patients = 0
     for patient in sorted(p for p in args.out.iterdir() if p.is_dir()):
         folders = sorted(f for f in patient.iterdir() if (f / RECORD_FILES["record"]).is_file())
         if len(folders) < 2:
@@ -80,10 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         for lesion in tracking.lesions:
             for a, b in zip(lesion.seen, lesion.seen[1:]):
                 links += 1
-                if name[a] is None or name[b] is None:
-                    false_end += 1
+                if name[a] is None and name[b] is None:
+                    both_false += 1
+                elif name[a] is None or name[b] is None:
+                    half_false += 1
                 elif name[a] == name[b]:
                     correct += 1
+                else:
+                    swapped += 1
         lesion_ids: dict[str, set[str]] = defaultdict(set)
         visits: dict[str, set[int]] = defaultdict(set)
         for lesion in tracking.lesions:
@@ -98,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     accuracy = correct / links if links else float("nan")
     print(f"{patients} patient(s) with 2+ compared follow-ups, against {args.against}, max distance "
           f"{args.max_distance_mm} mm")
-    print(f"links: {links}; correct: {correct} ({accuracy:.3f} correct links / all links); with a false-finding end: "
-          f"{false_end}; wrong truth change: {links - correct - false_end}")
+    print(f"links: {links}; correct: {correct} ({accuracy:.3f} correct links / all links); two truth changes "
+          f"joined: {swapped}; a truth change joined to a false finding: {half_false}; two false findings joined: "
+          f"{both_false}")
     print(f"truth changes found at 2+ follow-ups: {multi_visit}; split over several IDs: {split}")
     return 0
 
