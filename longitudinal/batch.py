@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from . import __version__, report
+from . import __version__, interop, report
 from .errors import InputError
 from .io import atomic_write_text
 from .timeline import Pair, Patient, TimelineSettings, discover, pairs
@@ -111,7 +111,7 @@ class _Task:
     secrets: tuple[str, ...]
     report_settings: report.ReportSettings
     compare_fn: CompareFn | None
-    interop: _InteropPair | None = None  # BIDS layout, DICOM SEG/SR, findings record (interop hook below)
+    interop: interop.PairPlan | None = None  # BIDS files, DICOM SEG/SR, findings record (interop.py)
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -235,7 +235,7 @@ def _run_pair(task: _Task) -> PairResult:
         comparison = compare_fn(baseline, followup, task.pipeline)
         if task.interop is not None:  # before the report, whose `.complete` marks the folder finished
             (task.out_dir / task.folder / report.COMPLETE).unlink(missing_ok=True)
-            _interop_pair(task, comparison)
+            interop.write_pair(task.interop, comparison, task.out_dir)
         report.write_outputs(comparison, task.out_dir / task.folder, deidentify=task.deidentify,
                              deid_key=task.deid_key, secrets=task.secrets, patient_id=task.patient_id,
                              stamp=task.stamp, settings=task.report_settings)
@@ -327,15 +327,15 @@ def run_batch(
         name = report.pseudonym(patient.id, key) if deidentify else patient.id
         secrets = _secrets(patient) if deidentify else ()
         visit = report.scrub(pair.followup.id, list(secrets), name) if deidentify else pair.followup.id
-        folder = f"{_safe(name)}/{_safe(visit)}"
-        if output_layout == "bids":
-            folder = f"{BIDS_REPORTS}/{folder}"
+        base_visit = report.scrub(pair.baseline.id, list(secrets), name) if deidentify else pair.baseline.id
+        folder = interop.report_folder(name, visit, output_layout, _safe)
         tasks.append(_Task(index=len(tasks) + 1, total=len(all_pairs), pair=pair, out_dir=out, folder=folder,
                            patient=name, patient_id=patient.id, pipeline=pipeline, stamp=_stamp(pair, pipe_hash, against, deidentify),
                            deidentify=deidentify, deid_key=key, secrets=secrets,
                            report_settings=report_settings, compare_fn=compare_fn,
-                           interop=_interop_for(patient, pair, name, secrets, Path(studies_dir), output_layout,
-                                                dicom_out, deidentify)))
+                           interop=interop.plan_pair(patient.visits, pair, name, base_visit, visit, folder,
+                                                     studies=studies_dir, layout=output_layout, dicom_out=dicom_out,
+                                                     deidentify=deidentify, deid_key=key)))
         visits_of[name] = list(patient.visits)
     log.info("%d patient(s), %d pair(s) against the %s visit, %d job(s)", len(patients), len(tasks), against, jobs)
 
@@ -366,7 +366,8 @@ def run_batch(
     unreadable = tuple(_unreadable(p, len(tasks) + i + 1, key if deidentify else None)
                        for i, p in enumerate(q for q in found if q.problem is not None))
     ordered = tuple(results[t.index] for t in tasks) + unreadable
-    lesion_plots = _interop_finish(out, tasks, results, studies_dir, output_layout, deidentify)
+    lesion_plots = interop.finish_batch(out, [t.interop for t in tasks if results[t.index].status != "failed"],
+                                        studies=studies_dir, layout=output_layout, deidentify=deidentify)
     summary_csv = atomic_write_text(out / SUMMARY_CSV, _summary_csv(ordered))
     summary_html = atomic_write_text(
         out / SUMMARY_HTML, _summary_html(ordered, visits_of, against, deidentify, tasks, lesion_plots))
@@ -550,106 +551,3 @@ def _threshold(results: tuple[PairResult, ...], tasks: list[_Task]) -> float | N
             except (OSError, ValueError, KeyError, TypeError):
                 continue
     return None
-
-
-# --------------------------------------------------------------------------- interop hook
-# Minimal, separate hook of the interop helper (BIDS layout, DICOM SEG/SR, lesion tracking), written before the
-# report helper's batch landed on main: per pair `_interop_pair` (in the worker), once per run `_interop_finish`.
-
-BIDS_REPORTS = "reports"  # bids layout: the per-pair report folders, listed in .bidsignore
-
-
-@dataclass(frozen=True)
-class _InteropPair:
-    layout: Literal["default", "bids"]
-    dicom_out: bool | None
-    baseline_visit: str  # visit ids as shown (scrubbed when de-identified)
-    followup_visit: str
-    visit_order: int  # the follow-up's position among the patient's visits, baseline 1
-    bids: Any  # bids_out.BidsPair in the bids layout, else None
-
-
-def _interop_for(patient: Patient, pair: Pair, name: str, secrets: tuple[str, ...], studies: Path, layout: str,
-                 dicom_out: bool | None, deidentify: bool) -> _InteropPair:
-    from .bids_out import pair_for
-
-    def shown(visit_id: str) -> str:
-        return report.scrub(visit_id, list(secrets), name) if deidentify else visit_id
-
-    base, follow = shown(pair.baseline.id), shown(pair.followup.id)
-    bids = None
-    if layout == "bids":
-        bids = pair_for(name, follow, base, None if deidentify else pair.followup.path, None if deidentify else studies)
-    order = next(i for i, v in enumerate(patient.visits, start=1) if v is pair.followup)
-    return _InteropPair(layout, dicom_out, base, follow, order, bids)
-
-
-def _interop_pair(task: _Task, comparison: Any) -> None:
-    """The findings record (for tracking), BIDS files, and DICOM SEG/SR with the tracking of a first follow-up
-    (rebuilt by `_interop_finish` when tracking across visits changes it)."""
-    from .bids_out import write_bids_pair
-    from .dicom_out import wants_dicom_outputs, write_dicom_outputs
-    from .tracking import first_seen_tracking, write_findings_record
-
-    hook, folder = task.interop, task.out_dir / task.folder
-    if comparison.finding_labels is None or comparison.finding_labels_baseline is None:
-        log.debug("pair %d: no finding labels, so no findings record, BIDS files or DICOM objects", task.index)
-        return
-    write_findings_record(comparison, folder, baseline_visit=hook.baseline_visit, followup_visit=hook.followup_visit)
-    if hook.bids is not None:
-        write_bids_pair(comparison, task.out_dir, hook.bids)
-    if wants_dicom_outputs(comparison, hook.dicom_out):
-        tracking = first_seen_tracking(task.patient, hook.followup_visit, [f.id for f in comparison.findings])
-        write_dicom_outputs(comparison, folder, deidentify=task.deidentify, pseudonym=task.patient,
-                            uid_key=task.deid_key, tracking=tracking, visit_order=hook.visit_order)
-
-
-def _interop_finish(out: Path, tasks: list[_Task], results: dict[int, PairResult], studies: str | os.PathLike,
-                    layout: str, deidentify: bool) -> dict[str, str]:
-    """Per patient: lesions tracked over its pairs (lesions.tsv/.json/.png in its folder), DICOM SEG/SR rebuilt
-    where tracking changed their Tracking IDs; the BIDS dataset files. Returns patient -> lesion plot (relative)."""
-    from .bids_out import write_bids_dataset
-    from .dicom_out import DICOM_FILES, dicom_sources, write_dicom_record
-    from .tracking import FindingsRecord, finish_patient
-
-    plots: dict[str, str] = {}
-    by_patient: dict[str, list[_Task]] = {}
-    for task in tasks:
-        if task.interop is not None and results[task.index].status != "failed":
-            by_patient.setdefault(task.patient, []).append(task)
-    for patient, mine in by_patient.items():
-        if layout == "bids":
-            folder, prefix = out / f"sub-{mine[0].interop.bids.subject}", f"sub-{mine[0].interop.bids.subject}_"
-        else:
-            folder, prefix = out / Path(mine[0].folder).parent, ""
-        try:
-            tracking, paths = finish_patient([out / t.folder for t in mine], folder, patient, prefix=prefix)
-        except Exception as exc:  # tracking is an extra: a failure is logged, the batch result stands
-            log.warning("lesion tracking failed for a patient (%s)", type(exc).__name__)
-            continue
-        if "plot" in paths:
-            plots[patient] = paths["plot"].relative_to(out).as_posix()
-        for task in mine:
-            seg = out / task.folder / DICOM_FILES["seg"]
-            wanted = tracking.for_folder(out / task.folder)
-            if not seg.is_file() or _seg_tracking(seg) <= set(wanted.values()):
-                continue
-            try:
-                write_dicom_record(FindingsRecord.load(out / task.folder),
-                                   dicom_sources(task.pair.followup.path, task.pair.followup.series_uid),
-                                   out / task.folder, deidentify=deidentify, pseudonym=task.patient,
-                                   uid_key=task.deid_key, tracking=wanted, visit_order=task.interop.visit_order)
-            except Exception as exc:
-                log.warning("pair %d: DICOM SEG/SR not updated with tracked lesion IDs (%s)", task.index,
-                            type(exc).__name__)
-    if layout == "bids":
-        write_bids_dataset(out, source=None if deidentify else studies)
-    return plots
-
-
-def _seg_tracking(path: Path) -> set[tuple[str, str]]:
-    """(Tracking ID, Tracking UID) of every segment of a SEG file."""
-    import pydicom
-
-    seg = pydicom.dcmread(path, stop_before_pixels=True)
-    return {(str(s.TrackingID), str(s.TrackingUID)) for s in seg.SegmentSequence}
