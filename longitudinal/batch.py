@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from . import __version__, report
+from . import __version__, interop, report
 from .compare import Comparison
 from .errors import InputError
 from .io import Image, atomic_write_text
@@ -100,6 +100,7 @@ class _Task:
     context: report.OutputContext
     compare_fn: CompareFn | None
     threads: int = 0  # threads for every library in a worker; 0: leave the process's setting alone
+    interop: interop.PairPlan | None = None  # BIDS files, DICOM SEG/SR, findings record (interop.py)
 
     @property
     def identity(self) -> dict:
@@ -282,6 +283,9 @@ def _run_pair(task: _Task) -> PairResult:
         baseline = task.pair.baseline.load()
         followup = task.pair.followup.load()
         comparison = compare_fn(baseline, followup, task.pipeline)
+        if task.interop is not None:  # before the report, whose `.complete` marks the folder finished
+            (task.out_dir / task.folder / report.COMPLETE).unlink(missing_ok=True)
+            interop.write_pair(task.interop, comparison, task.out_dir)
         report.write_outputs(comparison, task.out_dir / task.folder, task.context, stamp=task.stamp)
         return _read_result(task, reused=False)
     except Exception as exc:  # one bad pair must not stop a cohort run; the summary carries the reason
@@ -302,7 +306,8 @@ def _progress_bar(total: int, enabled: bool):
 
 def _plan(found: list[Patient], out: Path, pipeline: Pipeline | None, against: str, deidentify: bool,
           key: bytes | None, pipe_hash: str, report_settings: report.ReportSettings,
-          compare_fn: CompareFn | None) -> tuple[list[_Task], list[PairResult], dict[str, Patient]]:
+          compare_fn: CompareFn | None, studies: Path, layout: interop.Layout, dicom_out: bool | None,
+          ) -> tuple[list[_Task], list[PairResult], dict[str, Patient]]:
     """Tasks for every pair, and failed rows for pairs whose inputs cannot even be fingerprinted."""
     patients = [p for p in found if p.problem is None]
     shown = {p.id: (report.pseudonym(p.id, key) if key is not None else p.id) for p in patients}
@@ -319,13 +324,20 @@ def _plan(found: list[Patient], out: Path, pipeline: Pipeline | None, against: s
     for n, (patient, pair) in enumerate(all_pairs, start=1):
         name = shown[patient.id]
         folder = f"{patient_dirs[patient.id]}/{visit_dirs[patient.id][pair.followup.id]}"
+        if layout == "bids":
+            folder = f"{interop.BIDS_REPORTS}/{folder}"
         context = report.OutputContext(
             deidentify=deidentify, pseudonym=name if deidentify else None,
             secrets=_secrets(patient) if deidentify else (), key=key, patient_id=patient.id,
             summary_href=os.path.relpath(out / SUMMARY_HTML, out / folder).replace(os.sep, "/"),
             settings=report_settings)
+        shown_visit = {v.id: (report.scrub(v.id, context.secrets, name) or "") if deidentify else v.id
+                       for v in (pair.baseline, pair.followup)}
+        plan = interop.plan_pair(patient.visits, pair, name, shown_visit[pair.baseline.id],
+                                 shown_visit[pair.followup.id], folder, studies=studies, layout=layout,
+                                 dicom_out=dicom_out, deidentify=deidentify, deid_key=key)
         task = _Task(index=n, total=len(all_pairs), pair=pair, out_dir=out, folder=folder, patient=name,
-                     pipeline=pipeline, stamp={}, context=context, compare_fn=compare_fn)
+                     pipeline=pipeline, stamp={}, context=context, compare_fn=compare_fn, interop=plan)
         try:
             tasks.append(dataclasses.replace(task, stamp=_stamp(pair, pipe_hash, against, deidentify)))
         except OSError as exc:  # an input vanished or its folder cannot be listed: this pair only
@@ -346,6 +358,8 @@ def run_batch(
     compare_fn: CompareFn | None = None,
     timeline: TimelineSettings = TimelineSettings(),
     report_settings: report.ReportSettings = report.ReportSettings(),
+    output_layout: interop.Layout = "default",
+    dicom_out: bool | None = None,
 ) -> BatchSummary:
     """Compare every follow-up with the baseline (or the previous visit) for every patient under studies_dir.
 
@@ -353,7 +367,9 @@ def run_batch(
     images). compare_fn defaults to `compare.compare`; with jobs > 1 it must be importable by name (spawned
     workers unpickle it). Raises InputError when the studies folder cannot be read at all; a pair that fails is
     recorded and the run goes on (`BatchSummary.failed`); a summary that cannot be written is reported in
-    `BatchSummary.summary_error`.
+    `BatchSummary.summary_error`. output_layout "bids": a BIDS-derivatives dataset (`bids_out`), the per-pair
+    report folders under `OUT/reports/`. dicom_out: DICOM SEG/SR per pair (None: when the follow-up is DICOM).
+    Findings are tracked across each patient's visits (`tracking`: lesions.tsv and a plot per patient).
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, not {jobs}")
@@ -372,7 +388,7 @@ def run_batch(
         raise report.OutputError(f"{out}: cannot write there ({exc.strerror or exc})") from exc
     pipe_hash = pipeline_hash(pipeline) + ":" + hashlib.sha256(repr(report_settings).encode()).hexdigest()[:16]
     tasks, unfingerprinted, patients = _plan(found, out, pipeline, against, deidentify, key, pipe_hash,
-                                             report_settings, compare_fn)
+                                             report_settings, compare_fn, Path(studies_dir), output_layout, dicom_out)
     total = len(tasks) + len(unfingerprinted)
     log.info("%d patient(s), %d pair(s) against the %s visit, %d job(s)", len(patients), total, against, jobs)
 
@@ -403,17 +419,20 @@ def run_batch(
     unreadable = tuple(_unreadable(p, total + i + 1, key)
                        for i, p in enumerate(q for q in found if q.problem is not None))
     ordered = tuple(results[i] for i in sorted(results)) + unreadable
-    return _write_summary(out, ordered, patients, against, deidentify)
+    lesion_plots = interop.finish_batch(out, [t.interop for t in tasks if t.interop is not None
+                                              and results[t.index].status != "failed"],
+                                        studies=studies_dir, layout=output_layout, deidentify=deidentify)
+    return _write_summary(out, ordered, patients, against, deidentify, lesion_plots)
 
 
 def _write_summary(out: Path, results: tuple[PairResult, ...], patients: dict[str, Patient], against: str,
-                   deidentify: bool) -> BatchSummary:
+                   deidentify: bool, lesion_plots: Mapping[str, str]) -> BatchSummary:
     first_dates = {name: _date(p.visits[0].date) for name, p in patients.items()}
     n_visits = {name: len(p.visits) for name, p in patients.items()}
     try:
         csv_path = atomic_write_text(out / SUMMARY_CSV, summary_csv(results))
         html_path = atomic_write_text(out / SUMMARY_HTML, summary_html(results, first_dates, n_visits, against,
-                                                                      deidentify))
+                                                                      deidentify, lesion_plots))
     except OSError as exc:
         error = f"{out}: cannot write the summary ({exc.strerror or exc})"
         log.error("%s", error)

@@ -172,19 +172,23 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("followup", metavar="FOLLOWUP", type=Path, help="follow-up image, same kinds")
     p.add_argument("-o", "--out", metavar="OUT", type=Path, required=True, help="folder for report.html and the data files")
     _pipeline_arguments(p)
+    _dicom_arguments(p)
     p.add_argument("--series-uid", metavar=("BASELINE_UID", "FOLLOWUP_UID"), nargs=2,
                    help="pick the DICOM series of each input folder ('-' lets the loader decide for that input)")
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from . import dicom_out
     from .compare import compare  # the pipeline's stages in order
     from .io import load_image
-    from .report import OutputContext, write_outputs
+    from .report import WRITERS, OutputContext, write_outputs
 
     pipeline = _pipeline(args.pipeline)
     uids = [None if u in (None, "-") else u for u in (args.series_uid or [None, None])]
     comparison = compare(load_image(args.baseline, uids[0]), load_image(args.followup, uids[1]), pipeline)
-    report = write_outputs(comparison, args.out, OutputContext(deidentify=args.deidentify))["report.html"]
+    writers = {**WRITERS, "dicom": dicom_out.writer(args.dicom_out)}
+    report = write_outputs(comparison, args.out, OutputContext(deidentify=args.deidentify),
+                           writers=writers)["report.html"]
     for warning in comparison.warnings:
         log.warning("%s", warning)
     if comparison.verdict == "not comparable":
@@ -210,6 +214,18 @@ def _batch_arguments(p: argparse.ArgumentParser) -> None:
                    help="how STUDIES is organised (default: detect)")
     p.add_argument("--series-description", metavar="REGEX",
                    help="pick the DICOM series whose SeriesDescription matches REGEX in each visit")
+    p.add_argument("--output-layout", choices=("default", "bids"), default="default",
+                   help="default: OUT/<patient>/<visit>/; bids: a BIDS-derivatives dataset (reports in OUT/reports/)")
+    _dicom_arguments(p)
+
+
+def _dicom_arguments(p: argparse.ArgumentParser) -> None:
+    """`--dicom-out` / `--no-dicom-out` (default: DICOM SEG and SR when the follow-up came from DICOM)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--dicom-out", dest="dicom_out", action="store_true", default=None,
+                       help="write findings_seg.dcm and findings_sr.dcm (default: when the follow-up is DICOM)")
+    group.add_argument("--no-dicom-out", dest="dicom_out", action="store_false",
+                       help="do not write the DICOM SEG and SR")
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -218,7 +234,8 @@ def _batch(args: argparse.Namespace) -> int:
 
     summary = run_batch(args.studies, args.out, pipeline=_pipeline(args.pipeline), jobs=args.jobs,
                         against=args.against, deidentify=args.deidentify, progress=not args.no_progress,
-                        timeline=TimelineSettings(layout=args.layout, series_description=args.series_description))
+                        timeline=TimelineSettings(layout=args.layout, series_description=args.series_description),
+                        output_layout=args.output_layout, dicom_out=args.dicom_out)
     verdicts = (f"{summary.count('progression')} progression, {summary.count('no progression')} no progression, "
                 f"{summary.not_comparable} not comparable, {summary.failed} failed")
     print(f"{summary.ok} compared, {summary.skipped} up to date: {verdicts}; summary: {summary.summary_html}")

@@ -3,22 +3,31 @@
 A pipeline file has one table per stage (`[registration]`, `[preprocessing]`, ...) whose keys are the
 field names of that stage's settings dataclass. Unknown keys and wrong types are errors that name the
 key and its line, because a silently ignored typo would change a clinical result.
+
+The shipped pipelines live inside the package (`longitudinal/pipelines/*.toml`) and are read with
+`importlib.resources`, so an installed wheel finds them. File paths inside a pipeline (`label_map`,
+`normative_model`, encoder `weights`, any `Path` setting) are relative to the TOML file, not to the working
+directory: a pipeline folder can be moved or shared with the files it names.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
 
-PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
+# String settings that name a file (typed `str` in their dataclass); `Path` settings are recognised by type.
+FILE_KEYS = frozenset({"weights"})
 
 
 def _stage_classes() -> dict[str, type]:
@@ -56,22 +65,28 @@ class Pipeline:
             raise AttributeError(stage) from None
 
 
-def available() -> dict[str, Path]:
-    """Pipelines shipped with the package, by name."""
-    return {p.stem: p for p in sorted(PIPELINES_DIR.glob("*.toml"))}
+def available() -> dict[str, Traversable]:
+    """Pipelines shipped with the package, by name (package resources: they work from a wheel too)."""
+    folder = resources.files(__package__).joinpath("pipelines")
+    return {r.name.removesuffix(".toml"): r
+            for r in sorted(folder.iterdir(), key=lambda r: r.name) if r.name.endswith(".toml")}
 
 
-def load(name_or_path: str | Path) -> Pipeline:
-    """A shipped pipeline by name (`brain-mri`) or any pipeline file by path."""
-    path = Path(name_or_path)
-    if not path.suffix:
+def load(name_or_path: str | os.PathLike | Traversable) -> Pipeline:
+    """A shipped pipeline by name (`brain-mri`), a shipped resource from `available()`, or any file by path."""
+    if isinstance(name_or_path, str) and not Path(name_or_path).suffix:
         shipped = available()
-        if str(name_or_path) not in shipped:
+        if name_or_path not in shipped:
             raise InputError(None, f"unknown pipeline {name_or_path!r}; shipped pipelines: {', '.join(shipped)}")
-        path = shipped[str(name_or_path)]
-    if not path.is_file():
-        raise InputError(path, "pipeline file not found")
-    text = path.read_text(encoding="utf-8")
+        name_or_path = shipped[name_or_path]
+    if isinstance(name_or_path, (str, os.PathLike)):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise InputError(path, "pipeline file not found")
+        text = path.read_text(encoding="utf-8")
+    else:  # a package resource
+        text = name_or_path.read_text(encoding="utf-8")
+        path = Path(str(name_or_path))
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -117,6 +132,8 @@ def _build(path: Path, lines: list[str], stage: str, cls: type, table: dict) -> 
             values[key] = _coerce(value, hints[key])
         except (TypeError, ValueError) as exc:
             raise InputError(path, f"{where}: {exc}") from None
+        if isinstance(values[key], Path) or (key in FILE_KEYS and isinstance(values[key], str)):
+            values[key] = _relative_to(path, values[key])
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
@@ -166,6 +183,13 @@ def _coerce(value: Any, hint: Any) -> Any:
             raise TypeError(f"expected a path string, got {value!r}")
         return Path(value)
     return value
+
+
+def _relative_to(pipeline_file: Path, value: str | Path) -> str | Path:
+    """A file named in a pipeline, relative to the pipeline file's folder (absolute paths and `~` kept)."""
+    named = Path(value).expanduser()
+    resolved = named if named.is_absolute() else pipeline_file.resolve().parent / named
+    return resolved if isinstance(value, Path) else str(resolved)
 
 
 def _line_of(lines: list[str], table: str | None, key: str) -> int | str:

@@ -12,6 +12,7 @@ from longitudinal import cli
 from longitudinal.errors import InputError
 from longitudinal.evaluation import (f1, lesion_metrics, pair_auroc, read_truth, summarise,
                                      truth_lesions, voxel_metrics)
+from longitudinal.pipeline import available
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_studies"
 
@@ -110,7 +111,7 @@ def test_evaluate_one_sample_pair_writes_metrics(tmp_path, capsys):
 
 
 def test_fit_normative_on_a_stable_sample_pair(tmp_path, capsys):
-    text = (Path(cli.__file__).resolve().parent.parent / "pipelines" / "brain-mri.toml").read_text()
+    text = available()["brain-mri"].read_text()
     text = text.replace('maps = ["intensity", "encoder"]', 'maps = ["intensity", "subtraction"]')
     assert 'maps = ["intensity", "subtraction"]' in text
     pipeline = tmp_path / "intensity.toml"

@@ -1,5 +1,7 @@
 """Pipelines: every shipped file loads; a bad file gets an error naming the key and its line."""
 
+from pathlib import Path
+
 import pytest
 
 from longitudinal.errors import InputError
@@ -61,3 +63,34 @@ def test_settings_rejected_by_a_stage_are_reported(tmp_path):
 def test_unknown_pipeline_name_lists_shipped():
     with pytest.raises(InputError, match="brain-mri"):
         load("no-such-pipeline")
+
+
+def test_shipped_pipelines_are_package_resources():
+    import longitudinal
+
+    package = Path(longitudinal.__file__).resolve().parent
+    shipped = available()
+    assert set(shipped) == {p.stem for p in (package / "pipelines").glob("*.toml")}
+    assert Path(load("brain-mri").source) == package / "pipelines" / "brain-mri.toml"
+
+
+def test_files_named_in_a_pipeline_resolve_next_to_it(tmp_path, monkeypatch):
+    folder = tmp_path.resolve() / "site" / "pipelines"
+    folder.mkdir(parents=True)
+    path = folder / "atlas.toml"
+    path.write_text(HEADER + "[regions]\nkind = 'labels'\nlabel_map = 'atlas/labels.nii.gz'\n"
+                    "[scoring]\nnormative_model = '../models/normal.npz'\n"
+                    "[encoding]\nweights = 'w.pt'\n")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    p = load(path)
+    assert p.regions.label_map == folder / "atlas" / "labels.nii.gz"
+    assert p.scoring.normative_model == (folder / ".." / "models" / "normal.npz")
+    assert p.encoding.weights == str(folder / "w.pt")
+    # loaded through a relative path from another folder: still relative to the file
+    monkeypatch.chdir(tmp_path)
+    assert load(Path("site/pipelines/atlas.toml")).regions.label_map == folder / "atlas" / "labels.nii.gz"
+    absolute = tmp_path.resolve() / "abs.nii.gz"
+    path.write_text(HEADER + f"[regions]\nkind = 'labels'\nlabel_map = '{absolute}'\n")
+    assert load(path).regions.label_map == absolute

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from longitudinal.errors import InputError
-from longitudinal.pipeline import load
+from longitudinal.pipeline import available, load
 from longitudinal.preprocessing import local_correction
 from longitudinal.regions import RegionSettings, component_regions, grid_regions
 from longitudinal.scoring import (ChangeDetector, ScoringSettings, TailCalibration, change_maps, combined_change,
@@ -210,7 +210,7 @@ def test_a_pickle_payload_named_as_the_normative_model_runs_nothing(tmp_path, ca
     with pytest.raises(InputError, match="never loaded"):
         ChangeDetector.load(model)
     pipeline = tmp_path / "evil.toml"
-    text = (Path(cli.__file__).resolve().parent.parent / "pipelines" / "brain-mri.toml").read_text()
+    text = available()["brain-mri"].read_text()
     pipeline.write_text(text.replace("[scoring]\n", f"[scoring]\nnormative_model = \"{model}\"\n"))
     base = SAMPLES / "easy/sub-03/ses-01/anat/sub-03_ses-01_T1w.nii.gz"
     follow = SAMPLES / "easy/sub-03/ses-02/anat/sub-03_ses-02_T1w.nii.gz"

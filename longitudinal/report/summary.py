@@ -191,8 +191,9 @@ def counts(results: Sequence[PairResult]) -> dict[str, int]:
 
 
 def summary_html(results: Sequence[PairResult], first_dates: Mapping[str, str | None], n_visits: Mapping[str, int],
-                 against: str, deidentify: bool) -> str:
-    """The page: counts per verdict, the table worst first, score timelines of patients with 3+ visits."""
+                 against: str, deidentify: bool, lesion_plots: Mapping[str, str] | None = None) -> str:
+    """The page: counts per verdict, the table worst first, score timelines of patients with 3+ visits, and each
+    tracked lesion's volume over the visits (`lesion_plots`: patient -> PNG path relative to the page)."""
     by_patient: dict[str, list[PairResult]] = {}
     for r in results:
         if r.status == "ok" and r.progression_score is not None:
@@ -201,6 +202,7 @@ def summary_html(results: Sequence[PairResult], first_dates: Mapping[str, str | 
              if n_visits.get(p, 0) >= 3 and len(rows) >= 2]
     return render("summary.html.j2", rows=[_row(k, r) for k, r in enumerate(worst_first(results), start=1)],
                   counts=counts(results), total=len(results), plots=plots, deidentify=deidentify,
+                  lesion_plots=sorted((lesion_plots or {}).items()),
                   against="baseline" if against == "baseline" else "previous visit", version=__version__,
                   columns=[(w.column_label(c), c) for c in (
                       "rank", "patient", "baseline_visit", "followup_visit", "interval_days", "verdict",
