@@ -422,11 +422,12 @@ def run_batch(
     lesion_plots = interop.finish_batch(out, [t.interop for t in tasks if t.interop is not None
                                               and results[t.index].status != "failed"],
                                         studies=studies_dir, layout=output_layout, deidentify=deidentify)
-    return _write_summary(out, ordered, patients, against, deidentify, lesion_plots)
+    return _write_summary(out, ordered, patients, against, deidentify,
+                          {patient: out / rel for patient, rel in lesion_plots.items()})
 
 
 def _write_summary(out: Path, results: tuple[PairResult, ...], patients: dict[str, Patient], against: str,
-                   deidentify: bool, lesion_plots: Mapping[str, str]) -> BatchSummary:
+                   deidentify: bool, lesion_plots: Mapping[str, Path]) -> BatchSummary:
     first_dates = {name: _date(p.visits[0].date) for name, p in patients.items()}
     n_visits = {name: len(p.visits) for name, p in patients.items()}
     try:

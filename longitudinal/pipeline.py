@@ -4,8 +4,9 @@ A pipeline file has one table per stage (`[registration]`, `[preprocessing]`, ..
 field names of that stage's settings dataclass. Unknown keys and wrong types are errors that name the
 key and its line, because a silently ignored typo would change a clinical result.
 
-The shipped pipelines live inside the package (`longitudinal/pipelines/*.toml`) and are read with
-`importlib.resources`, so an installed wheel finds them. File paths inside a pipeline (`label_map`,
+The shipped pipelines live in `pipelines/*.toml` at the project's top, linked into the package as
+`longitudinal/pipelines` (a symlink the wheel build follows) and read with `importlib.resources`, so an
+installed wheel finds them. File paths inside a pipeline (`label_map`,
 `normative_model`, encoder `weights`, any `Path` setting) are relative to the TOML file, not to the working
 directory: a pipeline folder can be moved or shared with the files it names.
 """

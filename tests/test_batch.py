@@ -90,7 +90,8 @@ def test_batch_reports_every_pair_lists_the_failure_and_keeps_going(studies, tmp
     assert lesion["2021-01-15"] > lesion["2020-07-12"] > stable
     assert rows[0]["patient"] == IDS[0]
     page = (out / "summary.html").read_text()
-    assert page.count("<img") == 1  # timeline of the only patient with 3 visits
+    lesions = (out / "PSECRET-0042" / "lesions.png").is_file()  # its findings tracked over the visits
+    assert page.count("<img") == 1 + lesions  # the only patient with 3 visits: score timeline (and lesions)
     assert "http://" not in page and all(src.startswith("data:") for src in _srcs(page))
     assert "2019-09-01.nii.gz" in page and 'href="PSECRET-0042/2021-01-15/report.html"' in page
     # rows take the colour of their verdict, not of "it ran"

@@ -6,12 +6,14 @@ reads earlier results back, writes the same summary as a fresh run; only `comput
 
 from __future__ import annotations
 
+import base64
 import csv
 import datetime as dt
 import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from .. import __version__
@@ -190,10 +192,15 @@ def counts(results: Sequence[PairResult]) -> dict[str, int]:
     return out
 
 
+def _embedded(png: Path) -> str:
+    """A PNG as a data URI: the summary stays one self-contained page."""
+    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+
+
 def summary_html(results: Sequence[PairResult], first_dates: Mapping[str, str | None], n_visits: Mapping[str, int],
-                 against: str, deidentify: bool, lesion_plots: Mapping[str, str] | None = None) -> str:
+                 against: str, deidentify: bool, lesion_plots: Mapping[str, Path] | None = None) -> str:
     """The page: counts per verdict, the table worst first, score timelines of patients with 3+ visits, and each
-    tracked lesion's volume over the visits (`lesion_plots`: patient -> PNG path relative to the page)."""
+    tracked lesion's volume over the visits (`lesion_plots`: patient -> PNG file, embedded)."""
     by_patient: dict[str, list[PairResult]] = {}
     for r in results:
         if r.status == "ok" and r.progression_score is not None:
@@ -202,7 +209,7 @@ def summary_html(results: Sequence[PairResult], first_dates: Mapping[str, str | 
              if n_visits.get(p, 0) >= 3 and len(rows) >= 2]
     return render("summary.html.j2", rows=[_row(k, r) for k, r in enumerate(worst_first(results), start=1)],
                   counts=counts(results), total=len(results), plots=plots, deidentify=deidentify,
-                  lesion_plots=sorted((lesion_plots or {}).items()),
+                  lesion_plots=[(patient, _embedded(path)) for patient, path in sorted((lesion_plots or {}).items())],
                   against="baseline" if against == "baseline" else "previous visit", version=__version__,
                   columns=[(w.column_label(c), c) for c in (
                       "rank", "patient", "baseline_visit", "followup_visit", "interval_days", "verdict",
