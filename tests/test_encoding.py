@@ -295,3 +295,15 @@ def test_featuremap_upsampled_matches_cells():
     assert up.shape == (2, 7, 8, 10)
     assert up.min() >= data.min() and up.max() <= data.max()
     np.testing.assert_allclose(up[0, 0, 0, 0], data[0, 0, 0, 0])  # corner keeps its cell value
+
+
+def test_features_equal_those_stored_before_the_backbone_refactor(tmp_path):
+    """Every backbone family gives the features the pre-refactor code stored (tests/encoder_reference.py)."""
+    import encoder_reference
+
+    stored = np.load(encoder_reference.REFERENCE)
+    got = encoder_reference.features(tmp_path)
+    assert sorted(got) == sorted(stored.files)
+    for key, value in got.items():
+        assert value.shape == stored[key].shape, key
+        np.testing.assert_allclose(value, stored[key], rtol=1e-5, atol=1e-6, err_msg=key)
