@@ -72,6 +72,8 @@ class SiameseNet(nn.Module):
             # full resolution: 1x1 convs only (a 3x3 conv there costs more than the whole encoder)
             self.head = nn.Sequential(_conv(2, w + settings.fine_width, w, kernel=1),
                                       Convolution(2, w, 1, kernel_size=1, conv_only=True))
+            # start from "nothing changed" (1 % prior): at 50 % the first steps only unlearn false alarms
+            nn.init.constant_(self.head[-1].conv.bias, float(np.log(0.01 / 0.99)))
 
     @property
     def multiple(self) -> int:
@@ -182,3 +184,100 @@ def predict_volume(net: SiameseNet, baseline: np.ndarray, followup: np.ndarray, 
     out[~slice_mask] = 0.0
     return ChangeProbability(out.reshape(mask.shape), time.perf_counter() - clock, int(len(rows)),
                              {"window": list(window), "settings": asdict(net.settings)})
+
+
+# ------------------------------------------------------------------------------------------------ model file
+
+MODEL_FORMAT = "longitudinal.SiameseChangeDetector"
+
+
+@dataclass(eq=False)
+class SiameseModel:
+    """A trained Siamese detector: the network, the grid it works on and its card."""
+
+    net: SiameseNet
+    spacing: tuple[float, ...]  # mm per voxel of the working grid, numpy order (z, y, x) or (y, x)
+    rgb: bool  # trained on RGB 2D images (else gray volumes or images)
+    card: dict
+
+    def save(self, path, card: dict | None = None) -> None:
+        """Model file: every tensor flattened into one array per dtype plus the card (modelfile: no pickle)."""
+        from .. import modelfile
+
+        if card is not None:
+            self.card = card
+        index, floats, ints = [], [], []
+        for name, t in self.net.state_dict().items():
+            t = t.detach().cpu()
+            bucket = floats if t.is_floating_point() else ints
+            offset = sum(a.size for a in bucket)
+            bucket.append(t.numpy().astype(np.float32 if t.is_floating_point() else np.int64).ravel())
+            index.append([name, "float32" if t.is_floating_point() else "int64", list(t.shape), offset])
+        meta = {"card": self.card, "settings": asdict(self.net.settings), "spacing": list(self.spacing),
+                "rgb": self.rgb, "tensors": index}
+        arrays = {"float32": np.concatenate(floats) if floats else np.zeros(0, np.float32),
+                  "int64": np.concatenate(ints) if ints else np.zeros(0, np.int64)}
+        modelfile.save(path, MODEL_FORMAT, meta, arrays)
+
+    @classmethod
+    def load(cls, path) -> "SiameseModel":
+        from pathlib import Path
+
+        from .. import modelfile
+
+        meta, arrays = modelfile.load(path, MODEL_FORMAT)
+        try:
+            settings = SiameseSettings(**meta["settings"])
+            net = SiameseNet(settings, pretrained=False)
+            state = {}
+            for name, dtype, shape, offset in meta["tensors"]:
+                flat = arrays[dtype]
+                n = int(np.prod(shape)) if shape else 1
+                if offset + n > flat.size:
+                    raise ValueError(f"tensor {name} runs past the end of its array")
+                state[name] = torch.from_numpy(flat[offset:offset + n].reshape(shape).copy())
+            net.load_state_dict(state, strict=True)
+            spacing, rgb, card = tuple(float(v) for v in meta["spacing"]), bool(meta["rgb"]), dict(meta["card"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InputError(Path(path), f"Siamese model file does not fit this version: {message}") from None
+        return cls(net.eval(), spacing, rgb, card)
+
+
+def change_probability(model: SiameseModel, prepared, batch_size: int = 8, threads: int = 2) -> ChangeProbability:
+    """Per-voxel change probability of a prepared pair (`compare.Prepared`) on its baseline grid, float32,
+    0 outside the mask; `.seconds` is its runtime."""
+    base_img, follow_img = prepared.baseline_harmonised, prepared.followup_harmonised
+    if base_img.is_rgb != model.rgb:
+        raise InputError(None, f"the Siamese model was trained on {'RGB' if model.rgb else 'gray'} images; this pair "
+                               f"is {'RGB' if base_img.is_rgb else 'gray'}")
+    return probability_of_arrays(model, base_img.array.astype(np.float32), follow_img.array.astype(np.float32),
+                                 np.asarray(prepared.mask, bool), tuple(reversed(prepared.baseline.spacing)),
+                                 batch_size, threads)
+
+
+def probability_of_arrays(model: SiameseModel, baseline: np.ndarray, followup: np.ndarray, mask: np.ndarray,
+                          spacing: tuple[float, ...], batch_size: int = 8, threads: int = 2) -> ChangeProbability:
+    """`change_probability` of arrays on one grid (numpy order; `spacing` in mm, same order).
+
+    The mask's bounding box is resampled to the model's working spacing (linear; the mask nearest), run, and
+    the probability resampled back: a model trained at 1.5 mm sees lesions at the scale it learned."""
+    from .sampling import resample, working_size
+
+    clock = time.perf_counter()
+    if len(spacing) != len(model.spacing):
+        raise InputError(None, f"the Siamese model works on {len(model.spacing)}D images, this pair is {len(spacing)}D")
+    out = np.zeros(mask.shape, np.float32)
+    if not mask.any():
+        return ChangeProbability(out, time.perf_counter() - clock)
+    # crop to the mask's bounding box first: resampling and the network then skip the background
+    box = tuple(slice(int(w.min()), int(w.max()) + 1) for w in np.nonzero(mask))
+    crop_shape = tuple(s.stop - s.start for s in box)
+    size = working_size(crop_shape, spacing, model.spacing)
+    bc, fc = resample(baseline[box], size), resample(followup[box], size)
+    mc = resample(mask[box].astype(np.float32), size, nearest=True) > 0.5
+    result = predict_volume(model.net, bc, fc, mc, model.rgb, batch_size, threads)
+    prob = resample(result.probability, crop_shape)
+    out[box] = np.where(mask[box], np.clip(prob, 0.0, 1.0), 0.0)
+    return ChangeProbability(out, time.perf_counter() - clock, result.slices,
+                             {**result.info, "working_shape": list(size)})
