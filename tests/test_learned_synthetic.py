@@ -30,8 +30,9 @@ def test_paste_changes_only_its_truth(real_pair, kind, seed):
     base, follow, mask = real_pair
     rng = np.random.default_rng(seed)
     centre = pick_centre(base, mask, kind, rng)
-    paste = PASTERS[kind](base, follow, centre, (1.0, 1.0, 1.0), rng)
+    paste = PASTERS[kind](base, follow, centre, (1.0, 1.0, 1.0), rng, within=mask)
     assert paste.kind == kind and paste.truth.any(), "a paste that changes nothing teaches nothing"
+    assert not (paste.truth & ~mask).any(), "changes stay inside the tissue mask"
     assert not (paste.truth & paste.shared).any()
     outside = ~(paste.truth | paste.shared)
     np.testing.assert_array_equal(paste.followup[outside], follow[outside])

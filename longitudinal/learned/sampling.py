@@ -3,8 +3,9 @@
 A patch is the centre slice and its neighbours (3 x P x P) of both visits around a voxel, with the change truth
 of the centre slice. Positives are centred near a truth voxel, either of a real labelled change or of a
 synthetic change pasted on the fly (`synthetic.random_change`) into a 3D block around a random tissue voxel.
-Negatives are unchanged voxels; a share of them are hard: tissue edges (where residual misalignment shows)
-and the borders of the field of view and of the body mask (where interpolation and masking differ).
+Negatives are unchanged voxels; a share of them are hard: tissue edges (where residual misalignment shows),
+the borders of the field of view and of the body mask (where interpolation and masking differ), and - once the
+training loop has mined them (`PatchSampler.mine`) - unchanged voxels the current model flags.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .synthetic import PasteSettings, random_change
 class SamplingSettings:
     patch: int = 64
     context: int = 1
-    positive_fraction: float = 0.5
+    positive_fraction: float = 0.4
     synthetic_fraction: float = 0.6  # of positives (all of them when no training pair has real changes)
     hard_negative_fraction: float = 0.5  # of negatives
     offset: float = 0.3  # positives: the change lies up to this fraction of the patch from its centre
@@ -91,6 +92,8 @@ def prepare_for_sampling(pair: PairArrays, target_spacing: tuple[float, ...], co
     edges = inside & (grad > np.percentile(grad[mask3], 90)) if mask3.any() else inside
     border = mask3 ^ ndimage.binary_erosion(mask3, iterations=2)
     border[:, :2], border[:, -2:], border[:, :, :2], border[:, :, -2:] = True, True, True, True
+    if border.shape[0] > 4:  # first and last slices: the field of view ends there (thick-slice follow-ups too)
+        border[:2], border[-2:] = True, True
     hard = edges | (border & ~near_truth & ndimage.binary_dilation(mask3, iterations=3))
     if mask3.any():
         lo, hi = np.percentile(gray[mask3], (25, 60))
@@ -130,6 +133,12 @@ class PatchSampler:
         self.settings = settings
         self.rng = np.random.default_rng(seed)
         self.with_truth = [p for p in pairs if len(p.changed)]
+        self.mined: dict[str, np.ndarray] = {}  # pair key -> (N, 3) unchanged voxels the model flagged
+
+    def mine(self, key: str, voxels: np.ndarray) -> None:
+        """Hard negatives found by running the model on a training pair (replaces that pair's earlier ones)."""
+        shape = next(p.mask.shape for p in self.pairs if p.key == key)
+        self.mined[key] = np.minimum(np.asarray(voxels, np.int64).reshape(-1, 3), np.array(shape) - 1)
 
     def _patch(self, pair: Prepped, centre: np.ndarray):
         """The patch of a real pair centred at voxel `centre` (zero outside the image)."""
@@ -201,7 +210,11 @@ class PatchSampler:
                 if out is not None:
                     return out
             kind = "tissue"
-        lists = {"real": pair.changed, "hard": pair.hard, "tissue": pair.tissue}
+        hard = pair.hard
+        mined = self.mined.get(pair.key)
+        if kind == "hard" and mined is not None and len(mined) and self.rng.random() < 0.5:
+            hard = mined
+        lists = {"real": pair.changed, "hard": hard, "tissue": pair.tissue}
         voxels = lists[kind] if len(lists[kind]) else pair.tissue if len(pair.tissue) else np.argwhere(pair.mask)
         voxel = voxels[int(self.rng.integers(len(voxels)))]
         return self._patch(pair, self._centre_near(voxel) if kind == "real" else voxel)

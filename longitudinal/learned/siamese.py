@@ -146,7 +146,7 @@ class ChangeProbability:
 
 
 def predict_volume(net: SiameseNet, baseline: np.ndarray, followup: np.ndarray, mask: np.ndarray, rgb: bool,
-                   batch_size: int = 8, threads: int = 2) -> ChangeProbability:
+                   batch_size: int = 8, threads: int = 1) -> ChangeProbability:
     """Change probability of a registered, harmonised pair: only slices that hold mask voxels, cropped to the
     mask's in-plane bounding box (padded to the encoder's stride), run through the network."""
     clock = time.perf_counter()
@@ -244,7 +244,7 @@ class SiameseModel:
         return cls(net.eval(), spacing, rgb, card)
 
 
-def change_probability(model: SiameseModel, prepared, batch_size: int = 8, threads: int = 2) -> ChangeProbability:
+def change_probability(model: SiameseModel, prepared, batch_size: int = 8, threads: int = 1) -> ChangeProbability:
     """Per-voxel change probability of a prepared pair (`compare.Prepared`) on its baseline grid, float32,
     0 outside the mask; `.seconds` is its runtime."""
     base_img, follow_img = prepared.baseline_harmonised, prepared.followup_harmonised
@@ -257,7 +257,7 @@ def change_probability(model: SiameseModel, prepared, batch_size: int = 8, threa
 
 
 def probability_of_arrays(model: SiameseModel, baseline: np.ndarray, followup: np.ndarray, mask: np.ndarray,
-                          spacing: tuple[float, ...], batch_size: int = 8, threads: int = 2) -> ChangeProbability:
+                          spacing: tuple[float, ...], batch_size: int = 8, threads: int = 1) -> ChangeProbability:
     """`change_probability` of arrays on one grid (numpy order; `spacing` in mm, same order).
 
     The mask's bounding box is resampled to the model's working spacing (linear; the mask nearest), run, and

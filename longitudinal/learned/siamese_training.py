@@ -54,12 +54,14 @@ LESION_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99)  # final held-back lesion figure
 
 def evaluate_pairs(model: SiameseModel, pairs: list[PairArrays], thresholds: tuple[float, ...], threads: int,
                    voxels_per_pair: int = 20000, seed: int = 0) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Lesion-level figures on whole held-back pairs at each threshold ({threshold: summary}), and a sample of
+    """Lesion-level figures on whole held-back pairs at each threshold ({threshold: summary}, with `real_`
+    figures of the pairs without pasted changes), and a sample of
     (probability, truth) voxels for ROC/PR (every truth voxel, and up to `voxels_per_pair` others of the mask)."""
     from ..evaluation import lesion_metrics
 
     rng = np.random.default_rng(seed)
     rows: dict[float, list] = {t: [] for t in thresholds}
+    real = [not pair.key.rpartition("+")[2].startswith("synthetic") for pair in pairs]
     scores, labels = [], []
     for pair in pairs:
         result = probability_of_arrays(model, pair.baseline, pair.followup, pair.mask, pair.spacing, threads=threads)
@@ -71,7 +73,36 @@ def evaluate_pairs(model: SiameseModel, pairs: list[PairArrays], thresholds: tup
         truth_idx = np.flatnonzero(pair.truth)
         scores += [prob.ravel()[pick], prob.ravel()[truth_idx]]
         labels += [np.zeros(pick.size, bool), np.ones(truth_idx.size, bool)]
-    return {t: lesion_summary(r) for t, r in rows.items()}, np.concatenate(scores), np.concatenate(labels)
+    summary = {}
+    for t, r in rows.items():
+        real_rows = [row for row, is_real in zip(r, real) if is_real]
+        summary[t] = {**lesion_summary(r), **{f"real_{k}": v for k, v in lesion_summary(real_rows).items()}}
+    return summary, np.concatenate(scores), np.concatenate(labels)
+
+
+def mine_hard_negatives(model: SiameseModel, pairs: list[PairArrays], sampler: PatchSampler, threshold: float,
+                        threads: int, seed: int, per_pair: int = 2000) -> int:
+    """Run the model on each training pair; unchanged voxels (3 voxels or more from truth) it flags at
+    `threshold` become that pair's mined hard negatives, on the working grid. Returns how many were found."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    found = 0
+    for pair in pairs:
+        prob = probability_of_arrays(model, pair.baseline, pair.followup, pair.mask, pair.spacing,
+                                     threads=threads).probability
+        near = ndimage.binary_dilation(pair.truth, iterations=3) if pair.truth.any() else pair.truth
+        voxels = np.argwhere((prob >= threshold) & pair.mask & ~near)
+        found += len(voxels)
+        if len(voxels) > per_pair:
+            voxels = voxels[rng.choice(len(voxels), per_pair, replace=False)]
+        spatial = pair.mask.shape
+        scale = np.array([s / t for s, t in zip(pair.spacing, model.spacing)])
+        working = np.floor(voxels * scale).astype(np.int64)
+        if len(spatial) == 2:  # 2D images are one slice of the working grid
+            working = np.c_[np.zeros(len(working), np.int64), working]
+        sampler.mine(pair.key, working)
+    return found
 
 
 def train_siamese(train_pairs: list[PairArrays], held_pairs: list[PairArrays], pipeline, settings: TrainSettings,
@@ -128,6 +159,10 @@ def train_siamese(train_pairs: list[PairArrays], held_pairs: list[PairArrays], p
             last = epoch == settings.epochs or over_budget
             if epoch % settings.eval_every == 0 or last:
                 model.net = net.eval()
+                if not last:
+                    n_mined = mine_hard_negatives(model, train_pairs, sampler, settings.threshold, settings.threads,
+                                                  settings.seed + epoch)
+                    row["mined_hard_negatives"] = n_mined
                 thresholds = tuple(sorted({settings.threshold, *LESION_THRESHOLDS})) if last else (settings.threshold,)
                 by_threshold, scores, labels = evaluate_pairs(model, held_full, thresholds, settings.threads,
                                                               seed=settings.seed)

@@ -71,9 +71,12 @@ def blob_weight(shape: tuple[int, ...], centre, spacing, radius_mm: float, rng: 
     return np.clip((1.0 - r) / edge + 0.5, 0.0, 1.0)
 
 
-def _apply(image: np.ndarray, weight: np.ndarray, contrast: float) -> tuple[np.ndarray, np.ndarray]:
-    """image x (1 + contrast x weight) where weight >= MIN_WEIGHT; (new image, changed mask)."""
+def _apply(image: np.ndarray, weight: np.ndarray, contrast: float,
+           within: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """image x (1 + contrast x weight) where weight >= MIN_WEIGHT (and `within`); (new image, changed mask)."""
     changed = weight >= MIN_WEIGHT
+    if within is not None:
+        changed &= within
     factor = 1.0 + contrast * weight[changed]
     out = image.copy()
     out[changed] = image[changed] * (factor[:, None] if image.ndim > changed.ndim else factor)
@@ -90,15 +93,18 @@ def _signed_contrast(settings: PasteSettings, rng: np.random.Generator) -> float
 
 
 def paste_new_lesion(baseline: np.ndarray, followup: np.ndarray, centre, spacing, rng: np.random.Generator,
-                     settings: PasteSettings = PasteSettings(), rgb: bool = False) -> Paste:
+                     settings: PasteSettings = PasteSettings(), rgb: bool = False,
+                     within: np.ndarray | None = None) -> Paste:
+    """A new blob in the follow-up; only voxels `within` (the tissue mask) change."""
     radius = rng.uniform(*settings.diameter_mm) / 2
     weight = blob_weight(_spatial(followup.shape, rgb), centre, spacing, radius, rng)
-    out, truth = _apply(followup, weight, _signed_contrast(settings, rng))
+    out, truth = _apply(followup, weight, _signed_contrast(settings, rng), within)
     return Paste(baseline, out, truth, np.zeros_like(truth), "new_lesion")
 
 
 def paste_growing_lesion(baseline: np.ndarray, followup: np.ndarray, centre, spacing, rng: np.random.Generator,
-                         settings: PasteSettings = PasteSettings(), rgb: bool = False) -> Paste:
+                         settings: PasteSettings = PasteSettings(), rgb: bool = False,
+                         within: np.ndarray | None = None) -> Paste:
     """The same lesion (same seed, same contrast) in both visits, its follow-up radius larger."""
     radius = rng.uniform(*settings.diameter_mm) / 2
     grown = radius + rng.uniform(*settings.growth_mm)
@@ -107,16 +113,17 @@ def paste_growing_lesion(baseline: np.ndarray, followup: np.ndarray, centre, spa
     shape = _spatial(followup.shape, rgb)
     old = blob_weight(shape, centre, spacing, radius, np.random.default_rng(seed))
     new = np.maximum(blob_weight(shape, centre, spacing, grown, np.random.default_rng(seed)), old)
-    base_out, core = _apply(baseline, old, contrast)
+    base_out, core = _apply(baseline, old, contrast, within)
     # where the lesion did not grow (by at least half the edge cut), the follow-up keeps the baseline's factor
     weight_f = np.where(core & (new - old < MIN_WEIGHT / 2), old, new)
-    follow_out, changed = _apply(followup, weight_f, contrast)
+    follow_out, changed = _apply(followup, weight_f, contrast, within)
     shared = core & (weight_f == old)
     return Paste(base_out, follow_out, changed & ~shared, shared, "growing_lesion")
 
 
 def paste_atrophy(baseline: np.ndarray, followup: np.ndarray, centre, spacing, rng: np.random.Generator,
-                  settings: PasteSettings = PasteSettings(), rgb: bool = False) -> Paste:
+                  settings: PasteSettings = PasteSettings(), rgb: bool = False,
+                  within: np.ndarray | None = None) -> Paste:
     """Radial warp about `centre` (best placed in CSF next to tissue): the dark region widens."""
     spacing = np.asarray(spacing, float)
     shape = _spatial(followup.shape, rgb)
@@ -136,6 +143,8 @@ def paste_atrophy(baseline: np.ndarray, followup: np.ndarray, centre, spacing, r
     moved = np.zeros(shape, bool)
     for ch, w, rng_k in zip(channels, warped, local):
         moved |= np.abs(w - ch) > MIN_WARP_CHANGE * max(rng_k, 1e-6)
+    if within is not None:
+        moved &= within
     out = followup.copy()
     if rgb:
         out[moved] = np.stack(warped, -1)[moved]
@@ -151,11 +160,11 @@ def random_change(baseline: np.ndarray, followup: np.ndarray, mask: np.ndarray, 
                   rng: np.random.Generator, settings: PasteSettings = PasteSettings(), rgb: bool = False,
                   centre=None) -> Paste:
     """A change of a random kind at `centre` (default: a random voxel of `mask`; atrophy: a dark voxel of the
-    mask next to brighter tissue, where CSF would widen)."""
+    mask next to brighter tissue, where CSF would widen), changing voxels of `mask` only."""
     kind = settings.kinds[int(rng.integers(len(settings.kinds)))]
     if centre is None:
         centre = pick_centre(baseline, mask, kind, rng, rgb)
-    return PASTERS[kind](baseline, followup, centre, spacing, rng, settings, rgb)
+    return PASTERS[kind](baseline, followup, centre, spacing, rng, settings, rgb, np.asarray(mask, bool))
 
 
 def pick_centre(baseline: np.ndarray, mask: np.ndarray, kind: str, rng: np.random.Generator,
