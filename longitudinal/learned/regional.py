@@ -202,7 +202,8 @@ def train_regional(train_pairs: list[PairArrays], held_pairs: list[PairArrays], 
     """Fit an SVM or random forest on region features of training pairs (+ synthetic copies); held-back figures."""
     from ..evaluation import lesion_metrics
     from ..scoring import region_max_map
-    from .training import TrainResult, confusion, curve_points, lesion_summary, rates, requirements, synthetic_copies
+    from .training import (LESION_THRESHOLDS, TrainResult, confusion, curve_points, lesion_by_threshold, rates,
+                           requirements, synthetic_copies)
 
     clock = time.perf_counter()
     scoring = dataclasses.replace(pipeline.scoring, normative_model=None)
@@ -217,7 +218,9 @@ def train_regional(train_pairs: list[PairArrays], held_pairs: list[PairArrays], 
     reg = RegionalSettings(kind=settings.kind, seed=settings.seed)
     model = RegionClassifier(reg).fit(X, y, names)
     fit_s = time.perf_counter() - clock
-    history, scores, labels, rows = [], [], [], []
+    thresholds = tuple(sorted({settings.threshold, *LESION_THRESHOLDS}))
+    history, scores, labels = [], [], []
+    rows: dict[float, list] = {t: [] for t in thresholds}
     train_p = model.predict_regions(X, names)
     history.append({"epoch": 1, "split": "train", "loss": _log_loss(train_p, y), **rates(confusion(train_p, y, settings.threshold)),
                     "seconds": round(fit_s, 1)})
@@ -225,16 +228,19 @@ def train_regional(train_pairs: list[PairArrays], held_pairs: list[PairArrays], 
         p = model.predict_regions(r.X, names)
         scores.append(p)
         labels.append(r.y)
-        flagged_map = region_max_map(r.regions, (p >= settings.threshold).astype(np.float32), r.pair.mask, r.labels)
-        rows.append(lesion_metrics(r.pair.truth, flagged_map > 0.5))
+        score_map = region_max_map(r.regions, p.astype(np.float32), r.pair.mask, r.labels)
+        for t in thresholds:
+            rows[t].append(lesion_metrics(r.pair.truth, (score_map >= t) & r.pair.mask))
     scores_all, labels_all = np.concatenate(scores), np.concatenate(labels)
-    lesion = lesion_summary(rows)
+    by_threshold = lesion_by_threshold(rows, held_all)
+    lesion = by_threshold[settings.threshold]
     history.append({"epoch": 1, "split": "held_back", "loss": _log_loss(scores_all, labels_all),
                     **rates(confusion(scores_all, labels_all, settings.threshold)), **lesion,
                     "seconds": round(time.perf_counter() - clock, 1)})
     curves = {**curve_points(scores_all, labels_all), "unit": "regions (real pairs and with pasted changes)"}
     metrics = {**{f"region_{k}": v for k, v in history[-1].items() if k in ("loss", "accuracy", "precision", "recall", "f1")},
-               **lesion, "held_back_pairs_real": len(held_pairs),
+               **lesion, "lesion_by_threshold": {str(t): v for t, v in by_threshold.items()},
+               "held_back_pairs_real": len(held_pairs),
                "held_back_pairs_synthetic": len(held_all) - len(held_pairs),
                "train_regions": int(len(y)), "train_changed_regions": int(y.sum()), "fit_rows": int(len(model.fit_y_))}
     requires = requirements(pipeline, settings.kind, {"features": list(names)})

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from .pairs import PairArrays
 from .sampling import Batch, PatchSampler, SamplingSettings, prepare_for_sampling
 from .siamese import SiameseModel, SiameseNet, SiameseSettings, probability_of_arrays
-from .training import TrainResult, TrainSettings, confusion, curve_points, lesion_summary, rates, requirements, synthetic_copies
+from .training import (LESION_THRESHOLDS, TrainResult, TrainSettings, confusion, curve_points, lesion_by_threshold, rates,
+                       requirements, synthetic_copies)
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,6 @@ def evaluate_patches(net: SiameseNet, batch: Batch, device: str, chunk: int = 32
     return sum(losses) / len(batch.baseline), np.concatenate(probs), np.concatenate(truths)
 
 
-LESION_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99)  # final held-back lesion figures at each (balanced patches make
-# the network's probabilities high compared with a whole brain's prevalence; the lead's calibration decides)
-
-
 def evaluate_pairs(model: SiameseModel, pairs: list[PairArrays], thresholds: tuple[float, ...], threads: int,
                    voxels_per_pair: int = 20000, seed: int = 0) -> tuple[dict, np.ndarray, np.ndarray]:
     """Lesion-level figures on whole held-back pairs at each threshold ({threshold: summary}, with `real_`
@@ -61,7 +58,6 @@ def evaluate_pairs(model: SiameseModel, pairs: list[PairArrays], thresholds: tup
 
     rng = np.random.default_rng(seed)
     rows: dict[float, list] = {t: [] for t in thresholds}
-    real = [not pair.key.rpartition("+")[2].startswith("synthetic") for pair in pairs]
     scores, labels = [], []
     for pair in pairs:
         result = probability_of_arrays(model, pair.baseline, pair.followup, pair.mask, pair.spacing, threads=threads)
@@ -73,11 +69,7 @@ def evaluate_pairs(model: SiameseModel, pairs: list[PairArrays], thresholds: tup
         truth_idx = np.flatnonzero(pair.truth)
         scores += [prob.ravel()[pick], prob.ravel()[truth_idx]]
         labels += [np.zeros(pick.size, bool), np.ones(truth_idx.size, bool)]
-    summary = {}
-    for t, r in rows.items():
-        real_rows = [row for row, is_real in zip(r, real) if is_real]
-        summary[t] = {**lesion_summary(r), **{f"real_{k}": v for k, v in lesion_summary(real_rows).items()}}
-    return summary, np.concatenate(scores), np.concatenate(labels)
+    return lesion_by_threshold(rows, pairs), np.concatenate(scores), np.concatenate(labels)
 
 
 def mine_hard_negatives(model: SiameseModel, pairs: list[PairArrays], sampler: PatchSampler, threshold: float,

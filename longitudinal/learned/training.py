@@ -198,6 +198,21 @@ def lesion_summary(rows: list[dict]) -> dict[str, float]:
             "truth_lesions": truth, "found_lesions": found, "pairs": len(rows)}
 
 
+# final held-back lesion figures at each probability threshold: balanced training makes probabilities high
+# compared with a whole scan's prevalence of change; the lead's calibration sets the operating point
+LESION_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99)
+
+
+def lesion_by_threshold(rows: dict[float, list[dict]], pairs: list[PairArrays]) -> dict[float, dict]:
+    """{threshold: lesion_summary of all pairs, plus `real_` figures of the pairs without pasted changes}."""
+    real = [not p.key.rpartition("+")[2].startswith("synthetic") for p in pairs]
+    out = {}
+    for t, r in rows.items():
+        real_rows = [row for row, is_real in zip(r, real) if is_real]
+        out[t] = {**lesion_summary(r), **{f"real_{k}": v for k, v in lesion_summary(real_rows).items()}}
+    return out
+
+
 def curve_points(scores: np.ndarray, labels: np.ndarray, max_points: int = 400) -> dict:
     """ROC and precision-recall curves (thinned to `max_points`), their AUC and average precision."""
     from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
@@ -315,6 +330,16 @@ def card_markdown(card: dict) -> str:
     for k, v in m.items():
         if isinstance(v, (int, float)):
             lines.append(f"| {k.replace('_', ' ')} | {v:.4g} |" if isinstance(v, float) else f"| {k.replace('_', ' ')} | {v} |")
+    by_threshold = m.get("lesion_by_threshold") or {}
+    if by_threshold:
+        lines += ["", "Lesion level on held-back pairs by probability threshold (all / real pairs only):", "",
+                  "| threshold | sensitivity | false findings per pair | lesion F1 | real: sensitivity | real: false "
+                  "findings per pair | real: lesion F1 |", "|---|---|---|---|---|---|---|"]
+        for t, v in by_threshold.items():
+            lines.append(f"| {t} | {v['lesion_sensitivity']:.3f} | {v['false_positive_findings_per_pair']:.2f} | "
+                         f"{v['lesion_f1']:.3f} | {v.get('real_lesion_sensitivity', float('nan')):.3f} | "
+                         f"{v.get('real_false_positive_findings_per_pair', float('nan')):.2f} | "
+                         f"{v.get('real_lesion_f1', float('nan')):.3f} |")
     lines += ["", "Curves: " + ", ".join(f"`{v}`" for v in card["files"].values()), ""]
     return "\n".join(lines)
 
