@@ -13,16 +13,27 @@ Entry points for compare/scoring (each documented where it lives):
 
 from __future__ import annotations
 
+import importlib
 import json
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .regional import MODEL_FORMAT as REGIONAL_FORMAT
-from .regional import RegionClassifier, predict_regions
-from .siamese import ChangeProbability, SiameseModel, change_probability
+if TYPE_CHECKING:
+    from .regional import RegionClassifier
+    from .siamese import SiameseModel
 
 __all__ = ["ChangeProbability", "RegionClassifier", "SiameseModel", "change_probability", "load_model",
            "predict_regions"]
+_LAZY = {"ChangeProbability": "siamese", "SiameseModel": "siamese", "change_probability": "siamese",
+         "RegionClassifier": "regional", "predict_regions": "regional"}
+
+
+def __getattr__(name: str):
+    """torch and MONAI load on first use, so `longitudinal --help` and the CLI's other commands stay fast."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(name)
 
 
 def _format_of(path: Path) -> str | None:
@@ -34,8 +45,11 @@ def _format_of(path: Path) -> str | None:
         return None
 
 
-def load_model(path, pipeline=None) -> SiameseModel | RegionClassifier:
+def load_model(path, pipeline=None) -> "SiameseModel | RegionClassifier":
     """A trained change detector from its file; with `pipeline`, refused unless its card matches it."""
+    from .regional import MODEL_FORMAT as REGIONAL_FORMAT
+    from .regional import RegionClassifier
+    from .siamese import SiameseModel
     from .training import check_requirements, requirements
 
     path = Path(path)
