@@ -167,6 +167,7 @@ def predict_volume(net: SiameseNet, baseline: np.ndarray, followup: np.ndarray, 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     was_training = net.training
+    device = next(net.parameters()).device  # a GPU when the model was trained or moved there
     net.eval()
     try:
         with torch.inference_mode():
@@ -175,8 +176,8 @@ def predict_volume(net: SiameseNet, baseline: np.ndarray, followup: np.ndarray, 
                 tb = torch.from_numpy(sb[idx][:, :, y0:y0 + h, x0:x0 + w])
                 tf = torch.from_numpy(sf[idx][:, :, y0:y0 + h, x0:x0 + w])
                 pad = (0, wp - w, 0, hp - h)
-                tb, tf = F.pad(tb, pad), F.pad(tf, pad)
-                prob = torch.sigmoid(net(tb, tf))[:, 0, :h, :w].numpy()
+                tb, tf = F.pad(tb, pad).to(device), F.pad(tf, pad).to(device)
+                prob = torch.sigmoid(net(tb, tf))[:, 0, :h, :w].cpu().numpy()
                 out[idx, y0:y0 + h, x0:x0 + w] = prob
     finally:
         torch.set_num_threads(before)
