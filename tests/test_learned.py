@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import zipfile
 from dataclasses import replace
@@ -15,7 +16,7 @@ from longitudinal import cli
 from longitudinal.errors import InputError
 from longitudinal.learned import RegionClassifier, SiameseModel, load_model, predict_regions
 from longitudinal.learned.pairs import PairArrays, load_pair, save_pair
-from longitudinal.learned.regional import RegionalSettings
+from longitudinal.learned.regional import ForestArrays, RegionalSettings
 from longitudinal.learned.sampling import PatchSampler, SamplingSettings, prepare_for_sampling
 from longitudinal.learned.siamese import SiameseNet, SiameseSettings, probability_of_arrays
 from longitudinal.learned.siamese_training import loss_of, train_siamese
@@ -156,11 +157,30 @@ def test_region_classifier_round_trip_without_pickle(tmp_path, kind):
     assert scores.shape == (600,) and np.corrcoef(scores, y)[0, 1] > 0.5  # it learned the boundary
     path = tmp_path / f"{kind}.npz"
     model.save(path, {"kind": kind})
-    with zipfile.ZipFile(path) as zf:
-        assert sorted(zf.namelist()) == ["X.npy", "meta.json", "y.npy"]
+    with zipfile.ZipFile(path) as zf:  # SVM: the fit rows (refitted on load); forest: the trees as arrays
+        members = sorted(zf.namelist())
+    assert all(m.endswith(".npy") for m in members if m != "meta.json")
+    assert members == (["X.npy", "meta.json", "y.npy"] if kind == "svm" else
+                       sorted(["meta.json", *(f"forest_{k}.npy" for k in ForestArrays.FIELDS)]))
     loaded = load_model(path)
     assert isinstance(loaded, RegionClassifier) and loaded.card == {"kind": kind}
     np.testing.assert_array_equal(predict_regions(loaded, X, names), scores)
+    if kind == "rf":  # the arrays predict as scikit-learn's forest does
+        np.testing.assert_allclose(scores, model.model_.predict_proba(X)[:, 1], rtol=0, atol=1e-12)
+        with zipfile.ZipFile(path) as zf:
+            parts = {n: zf.read(n) for n in zf.namelist()}
+        left = np.load(io.BytesIO(parts["forest_left.npy"]))
+        inner = np.flatnonzero(left >= 0)[0]
+        left[inner] = inner  # a node that is its own child would never end
+        buf = io.BytesIO()
+        np.save(buf, left)
+        parts["forest_left.npy"] = buf.getvalue()
+        bad = tmp_path / "cycle.npz"
+        with zipfile.ZipFile(bad, "w") as zf:
+            for n, data in parts.items():
+                zf.writestr(n, data)
+        with pytest.raises(InputError, match=r"cycle\.npz.*inconsistent"):
+            load_model(bad)
     with pytest.raises(InputError, match="do not match the model"):
         predict_regions(loaded, X[:, :2], names[:2])
 
