@@ -248,6 +248,7 @@ def _batch(args: argparse.Namespace) -> int:
 
 
 from . import evaluation as _evaluation  # noqa: E402  (light: heavy imports happen inside its functions)
+from .learned import training as _training  # noqa: E402  (light, likewise)
 
 COMMANDS: dict[str, Command] = {
     "studies": Command("list the patients and visits found under a folder", _studies_arguments, _studies),
@@ -262,6 +263,8 @@ COMMANDS: dict[str, Command] = {
                         "baselines", _evaluation.evaluate_arguments, _evaluation.evaluate_command),
     "fit-normative": Command("fit a normative model of unchanged anatomy on stable pairs",
                              _evaluation.fit_normative_arguments, _evaluation.fit_normative_command),
+    "train": Command("train a supervised change detector (Siamese network, SVM or random forest) on labelled pairs",
+                     _training.train_arguments, _training.train_command),
 }
 
 

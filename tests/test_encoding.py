@@ -240,7 +240,7 @@ def test_medicalnet_needs_a_local_file_and_loads_its_layout(tmp_path, mni_slab):
     single = Encoder(EncoderSettings(name="medicalnet-resnet10", mode="3d", weights=str(path), patch=64))
     x = torch.nn.functional.pad(torch.from_numpy(vol)[None, None], (0, 28, 0, 24, 0, 52))
     with torch.inference_mode():
-        layer1, layer2 = single._resnet_stages(x)
+        layer1, layer2 = single.backbone(x)
     np.testing.assert_allclose(single.features(vol)[:64], layer1[0, :, :3, :10, :9].numpy(), rtol=1e-4, atol=1e-4)
     up = torch.nn.functional.interpolate(layer2, scale_factor=2, mode="trilinear", align_corners=False)
     np.testing.assert_allclose(single.features(vol)[64:], up[0, :, :3, :10, :9].numpy(), rtol=1e-4, atol=1e-4)
@@ -295,3 +295,40 @@ def test_featuremap_upsampled_matches_cells():
     assert up.shape == (2, 7, 8, 10)
     assert up.min() >= data.min() and up.max() <= data.max()
     np.testing.assert_allclose(up[0, 0, 0, 0], data[0, 0, 0, 0])  # corner keeps its cell value
+
+
+def test_features_equal_those_stored_before_the_backbone_refactor(tmp_path):
+    """Every backbone family gives the features the pre-refactor code stored (tests/encoder_reference.py)."""
+    import encoder_reference
+
+    stored = np.load(encoder_reference.REFERENCE)
+    got = encoder_reference.features(tmp_path)
+    assert sorted(got) == sorted(stored.files)
+    for key, value in got.items():
+        assert value.shape == stored[key].shape, key
+        np.testing.assert_allclose(value, stored[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("name, stages, shape", [
+    ("random", (0, 1, 2, 4), (2, 1, 64, 96)),
+    ("medicalnet-resnet10", (1, 2, 3), (1, 1, 32, 64, 64)),
+])
+def test_backbone_interface_maps_channels_strides_and_stage_parameters(name, stages, shape):
+    """Every family answers the same interface: one map per stage with its declared channels and stride."""
+    from longitudinal.backbones import family_of
+
+    family = family_of(name)
+    backbone = family(name, stages) if family.spatial_dims == 3 else family(name, stages, 0)
+    with torch.inference_mode():
+        maps = backbone(backbone.normalise(torch.rand(shape)))
+    assert len(maps) == len(stages) == len(backbone.stage_channels) == len(backbone.stage_strides)
+    for m, c, s in zip(maps, backbone.stage_channels, backbone.stage_strides):
+        assert m.shape[:2] == (shape[0], c) and m.shape[-1] == shape[-1] // s and m.shape[-2] == shape[-2] // s
+    groups = backbone.stage_parameters()
+    assert len(groups) == 1 + (stages[-1] + 1 if family.spatial_dims == 2 else stages[-1])  # stem + each stage
+    ids = [id(p) for g in groups for p in g]
+    assert len(ids) == len(set(ids)) and all(groups)
+    # every parameter the stage maps depend on is in a group (the heads are not)
+    sum(m.sum() for m in backbone(backbone.normalise(torch.rand(shape)))).backward()
+    used = {id(p) for p in backbone.parameters() if p.grad is not None}
+    assert used <= set(ids)
