@@ -96,7 +96,7 @@ class Options:
 
     anatomy_mm: float = 1.0  # spacing of the patients' true anatomy
     voxel_scale: float = 1.0  # multiplies every drawn voxel size and slice thickness
-    lesion_scale: float = 1.0  # multiplies lesion sizes (tests: lesions stay visible on coarse grids)
+    change_scale: float = 1.0  # multiplies lesion sizes, growth and atrophy (tests: changes stay visible on coarse grids)
     fundus_px: int = 512  # output size of fundus photographs
 
 
@@ -292,16 +292,16 @@ def place_changes(anat: hd.Head, plan: PatientPlan, proto: Protocol3D, rng: np.r
     for i, ev in enumerate(plan.events):
         for _attempt in range(300):
             if ev.kind == "atrophy":
-                rad = rng.uniform(*proto.atrophy_radius_mm)
+                rad = rng.uniform(*proto.atrophy_radius_mm) * opts.change_scale
                 ch = Change(f"A{i + 1}", ev.kind, ev.start, "cortex", np.zeros(3), rad,
-                            thinning=rng.uniform(*proto.atrophy_mm) / max(1, n_visits - ev.start))
+                            thinning=rng.uniform(*proto.atrophy_mm) * opts.change_scale / max(1, n_visits - ev.start))
                 reach = rad + 3
-                cand = gm & (csf_dist > 0) & (csf_dist <= 2) & (brain_depth >= rad + 4)
+                cand = gm & (csf_dist > 0) & (csf_dist <= max(2.0, 1.5 * sp[0])) & (brain_depth >= rad + 4)
             else:
-                diam = rng.uniform(*proto.lesion_diam_mm) * opts.lesion_scale
+                diam = rng.uniform(*proto.lesion_diam_mm) * opts.change_scale
                 ch = Change(f"L{i + 1}", ev.kind, ev.start, ev.location, np.zeros(3), diam / 2, random_shape(rng),
                             contrast=float(rng.choice([-1.0, -1.0, 1.0]) * rng.uniform(*proto.contrast)),
-                            growth=rng.uniform(*proto.growth_mm) * opts.lesion_scale
+                            growth=rng.uniform(*proto.growth_mm) * opts.change_scale
                             if ev.kind == "growing_lesion" else 0.0)
                 reach = ch.reach(n_visits - 1)
                 r_eq = ch.radius(n_visits - 1)
@@ -868,7 +868,7 @@ def generate(split: str, out_dir: Path | str, sets: Sequence[str] = DEFAULT_SETS
         doc = {"split": split, "set": set_name, "seed": SPLIT_SEEDS[split], "generator": "benchmarks/cohort.py",
                "note": "dev tunes settings; validation reports them and is never used to choose anything",
                "options": {"anatomy_mm": opts.anatomy_mm, "voxel_scale": opts.voxel_scale,
-                           "lesion_scale": opts.lesion_scale, "fundus_px": opts.fundus_px},
+                           "change_scale": opts.change_scale, "fundus_px": opts.fundus_px},
                "counts": counts(entries, set_name), "patients": entries}
         ss.write_json(doc, out_dir / set_name / "cohort.json")
         ss.write_json({"Name": f"ground truth of the {split} cohort, {set_name} set", "BIDSVersion": "1.9.0",
