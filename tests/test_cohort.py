@@ -30,7 +30,7 @@ def _load(name: str):
 
 
 cohort = _load("cohort")
-TINY = cohort.Options(anatomy_mm=2.5, voxel_scale=2.0, change_scale=2.0, fundus_px=128)
+TINY = cohort.Options(anatomy_mm=2.5, voxel_scale=1.6, change_scale=2.0, fundus_px=128)
 SETS = ("visible", "subtle", "fundus")
 
 
