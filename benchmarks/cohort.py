@@ -679,6 +679,7 @@ def simulate_patient(split: str, set_name: str, plan: PatientPlan, out: Path, op
                        "stable": plan.stable(v) if v > 0 else None,
                        "truth_voxels": int(union.sum()) if v > 0 else None,
                        "changes": [r["id"] for r in records] if v > 0 else [],
+                       "truth_from_most_covered_voxel": [r["id"] for r in records if "mask_rule" in r],
                        "grid_size": list(grid.GetSize()), "tags": acq.tags})
     LOG.info("%s/%s: %d visits in %.1f s", set_name, plan.name, len(plan.dates), time.time() - t0)
     return {"patient": plan.name, "whole_head": plan.whole_head, "n_visits": len(plan.dates),
@@ -939,7 +940,11 @@ def counts(entries: list[dict], set_name: str) -> dict:
     c = {"patients": len(entries), "three_visit_patients": sum(e["n_visits"] == 3 for e in entries),
          "pairs": len(fus), "stable_pairs": sum(bool(v["stable"]) for v in fus),
          "changed_pairs_with_empty_truth": sum((not v["stable"]) and v["truth_voxels"] == 0 for v in fus),
-         "lesions": sum(1 for e in entries for ev in e["events"] if ev["type"] != "atrophy")}
+         "changes": sum(1 for e in entries for ev in e["events"] if ev["type"] != "static_lesion"),
+         "new_or_growing_lesions": sum(1 for e in entries for ev in e["events"]
+                                       if ev["type"] in ("new_lesion", "growing_lesion")),
+         "old_unchanged_lesions": sum(1 for e in entries for ev in e["events"] if ev["type"] == "static_lesion"),
+         "truth_from_most_covered_voxel": sum(len(v.get("truth_from_most_covered_voxel", [])) for v in fus)}
     if set_name != "fundus":
         c.update({
             "changes_by_type": _tally(ev["type"] for e in entries for ev in e["events"]),
