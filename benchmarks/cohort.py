@@ -457,16 +457,22 @@ def draw_acquisition(anat: hd.Head, head_points: np.ndarray, changes: list[Chang
     rigid.SetMatrix(rot.ravel().tolist())
     rigid.SetTranslation(t.tolist())
     transform: sitk.Transform = rigid
-    target = float(rng.uniform(*proto.distortion_mm))
-    bs = ss.smooth_field(grid, rng, 3)
-    probe = _grid(lo, hi, np.full(3, 8.0), direction)
-    fld = sitk.GetArrayFromImage(sitk.TransformToDisplacementField(
-        bs, sitk.sitkVectorFloat64, probe.GetSize(), probe.GetOrigin(), probe.GetSpacing(), probe.GetDirection()))
-    mag = np.linalg.norm(fld, axis=-1)
-    scale = target / mag.max()
-    bs.SetParameters((np.array(bs.GetParameters()) * scale).tolist())
-    dist_rms = float(np.sqrt(np.mean((mag * scale) ** 2)))
-    transform = sitk.CompositeTransform([rigid, bs])
+    target = dist_rms = 0.0
+    if v > 0:
+        # Follow-ups come from other scanners, whose gradient non-linearity differs from the baseline's: a
+        # smooth field on the visit's grid. Baselines stay rigid, so follow-up -> baseline truth is
+        # baseline.GetInverse() o follow-up, as in sample_studies (check_drift.followup_to_baseline).
+        target = float(rng.uniform(*proto.distortion_mm))
+        bs = ss.smooth_field(grid, rng, 3)
+        probe = _grid(lo, hi, np.full(3, 8.0), direction)
+        fld = sitk.GetArrayFromImage(sitk.TransformToDisplacementField(
+            bs, sitk.sitkVectorFloat64, probe.GetSize(), probe.GetOrigin(), probe.GetSpacing(),
+            probe.GetDirection()))
+        mag = np.linalg.norm(fld, axis=-1)
+        scale = target / mag.max()
+        bs.SetParameters((np.array(bs.GetParameters()) * scale).tolist())
+        dist_rms = float(np.sqrt(np.mean((mag * scale) ** 2)))
+        transform = sitk.CompositeTransform([rigid, bs])
     # Dense copy over the (fine) grid plus a margin: the rigid part is linear, the distortion smooth on a
     # ~80 mm scale, so linear interpolation of a 4 mm field is exact to far below a voxel.
     f_lo, f_hi = lo - 12.0, hi + 12.0

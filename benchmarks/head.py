@@ -489,3 +489,25 @@ def render_mid_slices(volume: np.ndarray, path: Path, vmax: float | None = None,
     row = np.concatenate([np.pad(t, ((0, h - t.shape[0]), (0, 4))) for t in tiles], axis=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     imsave(str(path), (np.clip(row / top, 0, 1) * 255).astype(np.uint8), check_contrast=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Render the mid slices (and a sagittal slice through an eye) of a few random heads, to look at them."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="render random whole heads to PNG")
+    ap.add_argument("-o", "--out", required=True, help="folder for head<seed>.png and head<seed>_eye.png")
+    ap.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3])
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    for seed in args.seeds:
+        h = make_head(np.random.default_rng(seed), 1.0, True)
+        img = h.other + h.fat
+        render_mid_slices(img, out / f"head{seed}.png")
+        x = int(round(h.landmarks["eye_left_ras"][0] - HEAD_BOUNDS_RAS[0][0]))
+        render_mid_slices(img[:, :, x - 1: x + 2], out / f"head{seed}_eye.png")
+        print(out / f"head{seed}.png", h.shape)
+
+
+if __name__ == "__main__":
+    main()
