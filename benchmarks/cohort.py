@@ -21,12 +21,11 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -96,7 +95,7 @@ class Options:
 
     anatomy_mm: float = 1.0  # spacing of the patients' true anatomy
     voxel_scale: float = 1.0  # multiplies every drawn voxel size and slice thickness
-    change_scale: float = 1.0  # multiplies lesion sizes, growth and atrophy (tests: changes stay visible on coarse grids)
+    change_scale: float = 1.0  # multiplies lesion sizes, growth, atrophy (tests: visible on coarse grids)
     fundus_px: int = 512  # output size of fundus photographs
 
 
