@@ -184,7 +184,9 @@ def brain_mask(itk: sitk.Image, settings: MaskSettings = MaskSettings(brain=True
     work = _work_copy(gray, settings.brain_work_mm)
     head = foreground_mask(work, settings)
     template, template_mask = _template()
-    fixed_mask = dilate(template_mask, 6.0)
+    # sample inside the template brain only: its outline against black would otherwise match the head's outline
+    # against air (scalp), and the template would grow to cover the skull
+    fixed_mask = sitk.BinaryErode(template_mask, [1, 1, 1], sitk.sitkBall, 0, 1)
     t_centre = _centroid(template_mask)
     best, best_value = None, math.inf
     small_t, small_m = sitk.Shrink(template, [4] * 3), sitk.Shrink(work, [2] * 3)

@@ -33,8 +33,8 @@ class PreprocessingSettings:
     n4_shrink: int = 4  # N4 is fitted on an image shrunk this much, then applied at full size
     n4_iterations: tuple[int, ...] = (50, 50, 30)  # per fitting level
     harmonisation: str = "histogram"  # "histogram" | "zscore" | "none"
-    histogram_levels: int = 256
-    histogram_match_points: int = 32
+    histogram_match_points: int = 32  # quantiles matched between the tails
+    histogram_tail_pct: float = 0.5  # percent of each tail left out of the match (new lesions live there)
     # After histogram matching, what still differs smoothly between the visits is divided out of the follow-up:
     # a residual intensity curve (scanner gamma, contrast drift: one value per intensity bin) and a residual
     # field (coil shading that N4 left or put: a Gaussian of this width in mm). 0 turns it off.
@@ -115,34 +115,28 @@ def _masked_values(itk: sitk.Image, mask: sitk.Image) -> np.ndarray:
 
 
 def _histogram_match(source: sitk.Image, reference: sitk.Image, mask: sitk.Image, settings: PreprocessingSettings) -> sitk.Image:
-    """sitk.HistogramMatching restricted to the mask.
+    """Quantile matching inside the mask, between the `histogram_tail_pct` and 100 - that percentiles; beyond
+    them the end segments extend linearly.
 
-    The filter has no mask input and its threshold-at-mean option would also drop dark tissue
-    (CSF, fat suppressed areas), so it is fed the in-mask voxels only (as 1-D images); the
-    resulting monotone map is then applied to every voxel by interpolating its (in, out) pairs.
+    The tails are left out on purpose: a new bright lesion in white matter IS the follow-up's brightest tissue, and
+    a match that took the extremes (ITK's HistogramMatching maps the maximum onto the maximum) would map it onto
+    the baseline's brightest white matter and erase the very change sought.
     """
-    src = _masked_values(source, mask)
-    ref = _masked_values(reference, mask)
-    matched = sitk.HistogramMatching(
-        sitk.GetImageFromArray(src[None, :]),
-        sitk.GetImageFromArray(ref[None, :]),
-        numberOfHistogramLevels=settings.histogram_levels,
-        numberOfMatchPoints=settings.histogram_match_points,
-        thresholdAtMeanIntensity=False,
-    )
-    out_vals = sitk.GetArrayViewFromImage(matched)[0].astype(np.float64)
-    order = np.argsort(src, kind="stable")
-    xs, idx = np.unique(src[order], return_index=True)
-    ys = out_vals[order][idx]
+    src = _masked_values(source, mask).astype(np.float64)
+    ref = _masked_values(reference, mask).astype(np.float64)
+    q = np.linspace(settings.histogram_tail_pct, 100.0 - settings.histogram_tail_pct,
+                    settings.histogram_match_points)
+    xs, ys = np.percentile(src, q), np.percentile(ref, q)
+    xs, keep = np.unique(xs, return_index=True)  # flat stretches of the source: one point each
+    ys = ys[keep]
     full = sitk.GetArrayFromImage(source).astype(np.float64)
     mapped = np.interp(full, xs, ys)
-    if xs.size >= 2:  # extend the end segments linearly, as the ITK filter does outside the matched range
+    if xs.size >= 2:
         lo_slope = (ys[1] - ys[0]) / (xs[1] - xs[0])
         hi_slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
         below, above = full < xs[0], full > xs[-1]
         mapped[below] = ys[0] + lo_slope * (full[below] - xs[0])
         mapped[above] = ys[-1] + hi_slope * (full[above] - xs[-1])
-    mapped[mask_array(mask)] = out_vals  # exact filter output inside the mask
     out = sitk.GetImageFromArray(mapped.astype(np.float32))
     out.CopyInformation(source)
     return out
