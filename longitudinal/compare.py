@@ -184,9 +184,21 @@ def compare(baseline: Image, followup: Image, pipeline: Pipeline | None = None,
     from .scoring import ChangeDetector
 
     pipeline = pipeline or for_image(baseline)
+    # model files are read (and refused, when they do not fit the pipeline) before any work
     if detector is None and pipeline.scoring.normative_model is not None:
-        detector = ChangeDetector.load(pipeline.scoring.normative_model)  # a bad model file fails before any work
-    return score_prepared(prepare(baseline, followup, pipeline), detector)
+        detector = ChangeDetector.load(pipeline.scoring.normative_model)
+    trained = trained_model(pipeline.scoring, pipeline)
+    return score_prepared(prepare(baseline, followup, pipeline), detector, trained=trained)
+
+
+def trained_model(scoring: ScoringSettings, pipeline: Pipeline):
+    """The loaded model of a supervised detector (None for the one-class ones); refused unless its card matches
+    the pipeline."""
+    if scoring.model is None:
+        return None
+    from .learned import load_model
+
+    return load_model(scoring.model, pipeline)
 
 
 def encode_prepared(prepared: Prepared, encoder_settings: EncoderSettings | None = None
@@ -203,11 +215,13 @@ def encode_prepared(prepared: Prepared, encoder_settings: EncoderSettings | None
 
 def score_prepared(prepared: Prepared, detector: ChangeDetector | None = None,
                    encoder_settings: EncoderSettings | None = None, scoring_settings: ScoringSettings | None = None,
-                   features: tuple[FeatureMap, FeatureMap, dict[str, str]] | None = None) -> Comparison:
+                   features: tuple[FeatureMap, FeatureMap, dict[str, str]] | None = None,
+                   trained=None) -> Comparison:
     """Encode (when the scoring uses encoder features) and score a prepared pair.
 
     `encoder_settings` / `scoring_settings` override the pipeline's (the evaluation's baselines);
-    `features` = (features_b, features_f, encoder description) already computed for this pair."""
+    `features` = (features_b, features_f, encoder description) already computed for this pair; `trained`: the
+    loaded model of a supervised detector (`trained_model`)."""
     from .scoring import score_regions
 
     pipeline = prepared.pipeline
@@ -224,9 +238,9 @@ def score_prepared(prepared: Prepared, detector: ChangeDetector | None = None,
         features_b, features_f, encoder_info = features or encode_prepared(prepared, encoder_settings)
     timings["encoding"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
-    X, names, regions, labels, maps = region_features_prepared(prepared, scoring, features_b, features_f)
+    X, names, regions, labels, maps = region_features_prepared(prepared, scoring, features_b, features_f, trained)
     spacing_zyx = tuple(reversed(baseline.spacing))
-    scores = score_regions(X, names, regions, mask, labels, spacing_zyx, scoring, detector)
+    scores = score_regions(X, names, regions, mask, labels, spacing_zyx, scoring, detector, trained)
     timings["scoring"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
     found, pair_score = findings_of(scores, regions, labels, mask, maps,
@@ -343,16 +357,22 @@ def _without_scores(prepared: Prepared, scoring: ScoringSettings) -> Comparison:
 
 
 def region_features_prepared(prepared: Prepared, scoring: ScoringSettings, features_b: FeatureMap | None = None,
-                             features_f: FeatureMap | None = None):
+                             features_f: FeatureMap | None = None, trained=None):
     """(X, feature names, regions, labels, change maps) of a prepared pair: the change maps pooled over its
-    regions. Component regions are made here, from the change maps themselves."""
+    regions. Component regions are made here, from the change maps themselves. A Siamese model (`trained`) adds
+    its voxel map of change probability as the "siamese" map."""
     from .regions import component_regions
     from .scoring import change_maps, combined_change, feature_names, region_features
 
     b_arr = gray_array(prepared.baseline_harmonised.array.astype(np.float32))
     f_arr = gray_array(prepared.followup_harmonised.array.astype(np.float32))
     spacing_zyx = tuple(reversed(prepared.baseline.spacing))
-    maps = change_maps(b_arr, f_arr, features_b, features_f, prepared.mask, spacing_zyx, scoring)
+    extra = {}
+    if scoring.detector == "siamese":
+        from .learned import change_probability
+
+        extra["siamese"] = change_probability(trained, prepared).probability
+    maps = change_maps(b_arr, f_arr, features_b, features_f, prepared.mask, spacing_zyx, scoring, extra)
     regions, labels = prepared.regions, prepared.labels
     if regions is None:
         regions, labels = component_regions(prepared.baseline.itk, prepared.mask, combined_change(maps.maps),

@@ -1,15 +1,17 @@
 """Region detectors: how unlike unchanged anatomy a region's change features are. One class per detector,
 registered by name; a pipeline picks one with `[scoring] detector = "<name>"`.
 
-Each follows scikit-learn's estimator contract: parameters as given in `__init__` (no logic there), `fit(X, y)`
-learning attributes that end in `_`, `check_is_fitted`, and:
+Each follows scikit-learn's estimator contract: parameters as given in `__init__` (no logic there),
+`fit(X, y=None, feature_names=())` learning attributes that end in `_` (`fitted_rows_`: which rows of X it learned
+from), `check_is_fitted`, and:
 - `decision_function(X)`: uncalibrated change, HIGHER = MORE CHANGE (the opposite sign of scikit-learn's outlier
   detectors, whose decision function is high for inliers: a change score reads the other way);
 - `held_out_decision(X)` for the very rows it was fitted on (a detector fitted within a pair): each row judged by
   a model that did not learn from that row, so an outlying region cannot make itself look typical.
 `scoring.ChangeDetector` turns either into calibrated scores, the same way for every detector.
 
-A new detector is one class here (or in its own module) decorated with `@register("name")`.
+A new detector is one class here (or in its own module) decorated with `@register("name")`. The supervised ones
+(`SUPERVISED`) apply a model trained by `longitudinal train` (`learned`), named by the pipeline's `model`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from sklearn.svm import OneClassSVM
 from sklearn.utils.validation import check_is_fitted
 
 DETECTORS: dict[str, type[BaseEstimator]] = {}
+SUPERVISED = ("svm", "rf", "siamese")  # trained by `longitudinal train`; a pipeline names the model file
 
 
 def register(name: str) -> Callable[[type[BaseEstimator]], type[BaseEstimator]]:
@@ -77,7 +80,7 @@ class _CrossFitted(BaseEstimator):
     def _change(self, model, Z: np.ndarray) -> np.ndarray:  # higher = more change
         raise NotImplementedError
 
-    def fit(self, X: np.ndarray, y: np.ndarray | None = None):
+    def fit(self, X: np.ndarray, y: np.ndarray | None = None, feature_names: tuple[str, ...] = ()):
         X = np.asarray(X, np.float64)
         self.fitted_rows_ = _fit_sample(len(X), self.max_fit_regions, self.seed)
         self.scale_ = _OneSided().fit(X[self.fitted_rows_])
@@ -147,3 +150,45 @@ class IsolationForestDetector(_CrossFitted):
 
     def _change(self, model: IsolationForest, Z: np.ndarray) -> np.ndarray:
         return -model.decision_function(Z)
+
+
+class _Trained(BaseEstimator):
+    """A detector trained elsewhere (`longitudinal train`), applied to a pair: nothing is learned from the pair,
+    so every region is already held out; `fit` only checks the model against the pair's features."""
+
+    def __init__(self, model=None):
+        self.model = model  # the loaded model (learned.load_model)
+
+    def fit(self, X: np.ndarray, y: np.ndarray | None = None, feature_names: tuple[str, ...] = ()):
+        if self.model is None:
+            raise ValueError(f"{type(self).__name__} needs a trained model")
+        self.feature_names_ = tuple(feature_names)
+        self.fitted_rows_ = np.zeros(0, np.int64)
+        return self
+
+    def held_out_decision(self, X: np.ndarray) -> np.ndarray:
+        return self.decision_function(X)
+
+
+@register("svm")
+@register("rf")
+class TrainedRegionDetector(_Trained):
+    """SVM or random forest on the region change features: change = its probability of change."""
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        from .learned import predict_regions
+
+        check_is_fitted(self)
+        return predict_regions(self.model, X, self.feature_names_)
+
+
+@register("siamese")
+class SiameseRegionDetector(_Trained):
+    """The Siamese network's voxel map of change probability (`compare` adds it as the "siamese" map):
+    change = the region's maximum of that map."""
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self)
+        if "siamese_max_z" not in self.feature_names_:
+            raise ValueError("the siamese detector needs the 'siamese' change map among the region features")
+        return np.asarray(X, np.float64)[:, self.feature_names_.index("siamese_max_z")]

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METHODS = ("ours", "subtraction", "random-encoder")
+MODEL_PREFIX = "model:"  # a method "model:PATH": a detector trained by `longitudinal train`
 OPERATING_THRESHOLDS = (3.0, 4.0, 5.0, 6.0, 8.0, 10.0)  # -log10 p, i.e. false-alarm rates 1e-3 ... 1e-10
 FINDING_MERGE_VOXELS = 1  # flagged pieces up to 2 voxels apart are one finding, as truth lesions are counted
 VOLUME_MIN_DIAMETER_MM = 5.0  # found lesions at least this large have their reported volume checked
@@ -229,22 +230,30 @@ def cohort_tags(studies: Path) -> dict[tuple[str, str], dict]:
 # --------------------------------------------------------------------------- one pair
 
 
-def method_settings(pipeline: Pipeline, method: str) -> tuple[EncoderSettings, ScoringSettings]:
-    """(encoder settings, scoring settings) of an evaluated method, derived from the pipeline."""
+def method_settings(pipeline: Pipeline, method: str):
+    """(encoder settings, scoring settings, trained model or None) of an evaluated method, from the pipeline.
+    "model:PATH" is a detector trained by `longitudinal train` (SVM, random forest or Siamese), scored like ours."""
     from .encoding import EncoderSettings
 
     scoring = pipeline.scoring
+    if method.startswith(MODEL_PREFIX):
+        from .learned import load_model
+
+        path = Path(method[len(MODEL_PREFIX):])
+        trained = load_model(path, pipeline)
+        kind = getattr(getattr(trained, "settings", None), "kind", "siamese")
+        return pipeline.encoding, dataclasses.replace(scoring, detector=kind, model=path, normative_model=None), trained
     if method == "ours":
-        return pipeline.encoding, scoring
+        return pipeline.encoding, scoring, None
     if method == "subtraction":
-        return pipeline.encoding, dataclasses.replace(scoring, maps=("subtraction",), normative_model=None)
+        return pipeline.encoding, dataclasses.replace(scoring, maps=("subtraction",), normative_model=None), None
     if method == "random-encoder":
         enc = pipeline.encoding
         fields = {f.name: getattr(enc, f.name) for f in dataclasses.fields(EncoderSettings)}
         fields.update(name="random", weights=None)
         # a normative model fitted on pretrained features says nothing about random ones: fit within the pair
-        return EncoderSettings(**fields), dataclasses.replace(scoring, normative_model=None)
-    raise ValueError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+        return EncoderSettings(**fields), dataclasses.replace(scoring, normative_model=None), None
+    raise ValueError(f"unknown method {method!r} (known: {', '.join(METHODS)}, {MODEL_PREFIX}PATH)")
 
 
 @dataclass(frozen=True)
@@ -314,9 +323,9 @@ def evaluate_pair(job: PairJob) -> dict[str, Any]:
         row["brain_dice"] = dice(sitk.GetArrayFromImage(prepared.registration.roi) > 0,
                                  sitk.GetArrayFromImage(base_brain) > 0)
     for method in job.methods:
-        encoder_settings, scoring_settings = method_settings(pipeline, method)
+        encoder_settings, scoring_settings, trained = method_settings(pipeline, method)
         clock = time.perf_counter()
-        comparison = score_prepared(prepared, None, encoder_settings, scoring_settings)
+        comparison = score_prepared(prepared, None, encoder_settings, scoring_settings, trained=trained)
         seconds = time.perf_counter() - clock
         labels = sitk.GetArrayFromImage(comparison.finding_labels.itk)
         flagged = labels > 0
@@ -539,8 +548,9 @@ def evaluate(studies: str | os.PathLike, out: str | os.PathLike, pipeline: str |
 
     studies, out = Path(studies), Path(out)
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r} (known: {', '.join(METHODS)})")
+        if m not in METHODS and not (m.startswith(MODEL_PREFIX) and Path(m[len(MODEL_PREFIX):]).is_file()):
+            raise InputError(None, f"unknown method {m!r} (known: {', '.join(METHODS)}, or {MODEL_PREFIX}PATH of a "
+                                   "model file)")
     pipe = load(pipeline) if pipeline else None
     tags = cohort_tags(studies)
     todo = []
@@ -632,7 +642,9 @@ def evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder (metrics.json, summary.md)")
     p.add_argument("--pipeline", help="pipeline name or file (default: chosen from the images)")
     p.add_argument("--jobs", type=int, default=1, help="pairs evaluated in parallel (default 1)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)}, and model:PATH for a model trained by "
+                        "`longitudinal train`")
     p.add_argument("--patients", help="comma-separated patient ids (default: all)")
 
 

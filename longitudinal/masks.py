@@ -171,71 +171,90 @@ def _brain_centre_guesses(head: sitk.Image) -> list[np.ndarray]:
     top = points[:, 2].max()  # LPS z: towards the head
     upper = points[points[:, 2] > top - 110.0]
     guesses = [centre]
-    for depth in (55.0, 70.0):  # template brain centre sits ~55 mm below its top; add scalp and skull
+    for depth in (50.0, 65.0, 80.0):  # template brain centre sits ~55 mm below its top; add scalp and skull
         guesses.append(np.array([upper[:, 0].mean(), upper[:, 1].mean(), top - depth]))
     return guesses
 
 
-def brain_mask(itk: sitk.Image, settings: MaskSettings = MaskSettings(brain=True), threads: int = 1) -> BrainMask:
-    """The brain of a T1-like head or brain image, from the template brain registered to it (affine)."""
+def _template_run(template: sitk.Image, work: sitk.Image, region: sitk.Image, transform: sitk.Transform,
+                  shrink: tuple[int, ...], sigmas: tuple[float, ...]) -> float:
+    """Optimise `transform` (in place) to fit the template to the image inside `region`; the final MI."""
     from .registration import set_metric_sampling
 
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(32)
+    set_metric_sampling(reg, region, shrink, 0.05, 5000, seed=1)
+    reg.SetMetricFixedMask(region)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetShrinkFactorsPerLevel(list(shrink))
+    reg.SetSmoothingSigmasPerLevel(list(sigmas))
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=150,
+                                                 relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetInitialTransform(transform, inPlace=True)
+    reg.Execute(template, work)
+    return float(reg.GetMetricValue())
+
+
+def _template_fit(template: sitk.Image, work: sitk.Image, region: sitk.Image, transform: sitk.Transform) -> float:
+    """MI of the template and the image inside `region` at 4 mm, every voxel (no random sampling): comparable
+    between transforms. nan where they do not overlap."""
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(32)
+    reg.SetMetricSamplingStrategy(reg.NONE)
+    reg.SetMetricFixedMask(sitk.Shrink(region, [2] * 3))
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetInitialTransform(transform, inPlace=False)
+    try:
+        return float(reg.MetricEvaluate(sitk.Shrink(template, [2] * 3), work))
+    except RuntimeError:
+        return math.nan
+
+
+def brain_mask(itk: sitk.Image, settings: MaskSettings = MaskSettings(brain=True)) -> BrainMask:
+    """The brain of a T1-like head or brain image, from the template brain registered to it.
+
+    Rigid first, from several starting points, sampling the template brain and a rim around it: the brain's
+    outline helps to place it. Then affine from the best, sampling inside the template brain only: there the
+    outline would pull the template's size towards the head's outline against air (the scalp) instead."""
     gray = luminance(itk)
     work = _work_copy(gray, settings.brain_work_mm)
     head = foreground_mask(work, settings)
     template, template_mask = _template()
-    # sample inside the template brain only: its outline against black would otherwise match the head's outline
-    # against air (scalp), and the template would grow to cover the skull
-    fixed_mask = sitk.BinaryErode(template_mask, [1, 1, 1], sitk.sitkBall, 0, 1)
+    outline = dilate(template_mask, 6.0)
+    inside = sitk.BinaryErode(template_mask, [1, 1, 1], sitk.sitkBall, 0, 1)
     t_centre = _centroid(template_mask)
     best, best_value = None, math.inf
-    small_t, small_m = sitk.Shrink(template, [4] * 3), sitk.Shrink(work, [2] * 3)
-    small_mask = sitk.Shrink(fixed_mask, [4] * 3)
     for guess in _brain_centre_guesses(head):
         tx = sitk.Euler3DTransform()
         tx.SetCenter(t_centre.tolist())
         tx.SetTranslation((guess - t_centre).tolist())
-        reg = sitk.ImageRegistrationMethod()
-        reg.SetMetricAsMattesMutualInformation(32)
-        reg.SetMetricSamplingStrategy(reg.NONE)
-        reg.SetMetricFixedMask(small_mask)
-        reg.SetInterpolator(sitk.sitkLinear)
-        reg.SetInitialTransform(tx, inPlace=False)
         try:
-            value = reg.MetricEvaluate(small_t, small_m)
-        except RuntimeError:
+            value = _template_run(template, work, outline, tx, (4, 2), (4.0, 2.0))
+        except RuntimeError:  # no overlap from this start
             continue
         if value < best_value:
             best, best_value = tx, value
     if best is None:
         return BrainMask(sitk.Image(itk.GetSize(), sitk.sitkUInt8), 0.0, math.nan, "no brain found: the template "
                          "does not overlap the image")
-    transform = best
-    for kind, shrink, sigmas in (("rigid", (4, 2), (4.0, 2.0)), ("affine", (2, 1), (2.0, 0.0))):
-        if kind == "affine":
-            affine = sitk.AffineTransform(3)
-            affine.SetCenter(transform.GetCenter())
-            affine.SetMatrix(transform.GetMatrix())
-            affine.SetTranslation(transform.GetTranslation())
-            transform = affine
-        reg = sitk.ImageRegistrationMethod()
-        reg.SetMetricAsMattesMutualInformation(32)
-        set_metric_sampling(reg, fixed_mask, shrink, 0.05, 5000, seed=1)
-        reg.SetMetricFixedMask(fixed_mask)
-        reg.SetInterpolator(sitk.sitkLinear)
-        reg.SetShrinkFactorsPerLevel(list(shrink))
-        reg.SetSmoothingSigmasPerLevel(list(sigmas))
-        reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-        reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=150,
-                                                     relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
-        reg.SetOptimizerScalesFromPhysicalShift()
-        reg.SetInitialTransform(transform, inPlace=True)
-        try:
-            reg.Execute(template, work)
-        except RuntimeError as exc:
-            return BrainMask(sitk.Image(itk.GetSize(), sitk.sitkUInt8), 0.0, math.nan,
-                             f"no brain found: the template registration failed ({str(exc).strip().splitlines()[-1]})")
-        metric = reg.GetMetricValue()
+    transform = sitk.AffineTransform(3)
+    transform.SetCenter(best.GetCenter())
+    transform.SetMatrix(best.GetMatrix())
+    transform.SetTranslation(best.GetTranslation())
+    rigid = sitk.AffineTransform(transform)
+    try:
+        _template_run(template, work, inside, transform, (2, 1), (2.0, 0.0))
+    except RuntimeError:
+        transform = rigid
+    # the affine stage may wander off (a field of view cut through the brain leaves part of the template outside
+    # the image): keep it only when it fits the inside of the brain better than the rigid pose did
+    fits = [_template_fit(template, work, inside, t) for t in (rigid, transform)]
+    if not fits[1] <= fits[0]:
+        log.info("brain mask: the affine fit (MI %.3f) is worse than the rigid one (%.3f); kept the rigid", *fits[::-1])
+        transform = rigid
+    metric = min(fits)
     # the template mask on the image's grid: image points -> template points is the inverse transform
     on_image = sitk.Resample(sitk.Cast(template_mask, sitk.sitkFloat32), gray, transform.GetInverse(),
                              sitk.sitkLinear, 0.0) >= 0.5

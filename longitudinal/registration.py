@@ -71,7 +71,8 @@ class RegistrationSettings:
     # a slightly different transform on every run; 1 gives the same bytes out for the same input, always.
     threads: int = 1
     # quality control thresholds
-    qc_min_dice: float = 0.9  # foreground masks, inside the follow-up's field of view
+    qc_min_dice: float = 0.9  # foreground masks, inside the follow-up's field of view, near the region that matters
+    qc_dice_margin_mm: float = 10.0  # ... within this distance of it (the brain of a whole head: its skull, not its neck)
     qc_min_ncc: float = 0.7  # same-modality visits correlate well once aligned (set lower for contrast changes)
     qc_max_scale: float = 1.25  # singular values of the affine outside [1/x, x] are suspect
     qc_max_anisotropy: float = 1.3  # ratio of largest to smallest singular value (shear/squash)
@@ -456,8 +457,12 @@ class _Probe:
         self.settings = settings
         self.f_small, self.m_small = small(fixed_gray), small(moving_gray)
         self.body_small, self.m_body_small, self.roi_small = small(fixed_body), small(moving_body), small(roi)
-        self.body = sitk.GetArrayFromImage(self.body_small) > 0
         self.roi = sitk.GetArrayFromImage(self.roi_small) > 0
+        # foreground overlap is counted near the region that matters: a whole head's neck and jaw move apart
+        # from the brain, and its outline there says nothing about how well the brain was aligned
+        near = sitk.GetArrayFromImage(dilate(self.roi_small, settings.qc_dice_margin_mm)) > 0
+        self.near = near
+        self.body = (sitk.GetArrayFromImage(self.body_small) > 0) & near
         self.f_roi = sitk.GetArrayViewFromImage(self.f_small)[self.roi].astype(np.float64)
 
     def metric(self, tx: sitk.Transform) -> float:
@@ -477,8 +482,8 @@ class _Probe:
         where the follow-up has data: a follow-up with a shorter field of view is not a misregistration."""
         inside = sitk.GetArrayFromImage(sitk.Resample(self.m_body_small, self.body_small, tx,
                                                       sitk.sitkNearestNeighbor, 255)) != 255
-        moved = sitk.GetArrayFromImage(sitk.Resample(self.m_body_small, self.body_small, tx,
-                                                     sitk.sitkNearestNeighbor, 0)) == 1
+        moved = (sitk.GetArrayFromImage(sitk.Resample(self.m_body_small, self.body_small, tx,
+                                                      sitk.sitkNearestNeighbor, 0)) == 1) & self.near
         fm = self.body & inside
         denom = fm.sum() + moved.sum()
         dice = float(2.0 * np.logical_and(fm, moved).sum() / denom) if denom else 0.0

@@ -72,6 +72,8 @@ class ScoringSettings:
     # (chosen on a dev cohort), and only the bulk of the pair's regions sets the scale, never its extremes.
     tail_shape: float | None = None
     normative_model: Path | None = None  # fitted by `longitudinal fit-normative`; None = fit within the pair
+    # a model trained by `longitudinal train`, for the supervised detectors ("svm", "rf", "siamese")
+    model: Path | None = None
     # Change maps the detector sees: "intensity" (bias- and misalignment-tolerant log ratio), "encoder"
     # (per-stage feature distance), "subtraction" (plain |F - B| after harmonisation: the naive baseline).
     maps: tuple[str, ...] = ("intensity", "encoder")
@@ -96,12 +98,17 @@ class ScoringSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "maps", tuple(self.maps))
-        if self.normative_model is not None:
-            object.__setattr__(self, "normative_model", Path(self.normative_model))
-        from .detectors import DETECTORS
+        for name in ("normative_model", "model"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        from .detectors import DETECTORS, SUPERVISED
 
         if self.detector not in DETECTORS:
             raise ValueError(f"detector {self.detector!r} must be one of {', '.join(sorted(DETECTORS))}")
+        if (self.detector in SUPERVISED) != (self.model is not None):
+            raise ValueError(f"detector {self.detector!r} " + ("needs a trained model: model = \"PATH\""
+                             if self.detector in SUPERVISED else "takes no trained model (model is for "
+                             + ", ".join(SUPERVISED) + ")"))
         if not self.maps or any(m not in MAP_KINDS for m in self.maps):
             raise ValueError(f"maps {self.maps!r} must be a non-empty subset of {MAP_KINDS}")
         if not self.false_findings_per_pair > 0.0:
@@ -225,8 +232,10 @@ def change_maps(
     mask: np.ndarray,
     spacing_zyx: tuple[float, ...],
     settings: ScoringSettings,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> ChangeMaps:
-    """Voxel maps of change on the baseline grid, each robustly standardised inside the mask."""
+    """Voxel maps of change on the baseline grid, each robustly standardised inside the mask; `extra`: maps made
+    elsewhere (a learned detector's voxel map), standardised the same way."""
     inside = mask.astype(bool)
     maps: dict[str, np.ndarray] = {}
     magnitude, signed, fine = intensity_change(baseline, followup, mask, spacing_zyx, settings)
@@ -239,6 +248,8 @@ def change_maps(
             raise ValueError("scoring.maps includes 'encoder' but no features were given")
         for k, d in enumerate(feature_distances(features_b, features_f, inside), start=1):
             maps[f"encoder_stage{k}"] = _robust_z(d, inside)
+    for name, values in (extra or {}).items():
+        maps[name] = _robust_z(values, inside)
     return ChangeMaps(maps, signed, fine)
 
 
@@ -358,8 +369,9 @@ class ChangeDetector:
     the calibration null is the pair's own regions; a normative model is fitted on stable pairs of a cohort and
     saved with `save` (arrays + JSON). `score_samples` returns -log10 p-values against the calibration null."""
 
-    def __init__(self, settings: ScoringSettings = ScoringSettings()):
+    def __init__(self, settings: ScoringSettings = ScoringSettings(), trained=None):
         self.settings = settings
+        self.trained = trained  # the loaded model of a supervised detector (learned.load_model)
 
     def fit(self, X: np.ndarray, feature_names_: tuple[str, ...] = ()) -> "ChangeDetector":
         X = np.asarray(X, np.float64)
@@ -375,7 +387,8 @@ class ChangeDetector:
         from .detectors import make_detector
 
         self.feature_names_ = tuple(feature_names_)
-        self.detector_ = make_detector(self.settings.detector, **asdict(self.settings)).fit(X)
+        settings = {**asdict(self.settings), "model": self.trained}
+        self.detector_ = make_detector(self.settings.detector, **settings).fit(X, feature_names=self.feature_names_)
         self.fit_rows_ = X[self.detector_.fitted_rows_]
         return self
 
@@ -409,6 +422,7 @@ class ChangeDetector:
             raw = dict(meta["settings"])
             raw["maps"] = tuple(raw["maps"])
             raw["normative_model"] = None
+            raw["model"] = None
             settings = ScoringSettings(**raw)
             names = tuple(str(n) for n in meta["feature_names"])
             fit_rows = np.asarray(arrays["fit_rows"], np.float64)
@@ -467,11 +481,13 @@ def score_pair(
 
 def score_regions(X: np.ndarray, names: tuple[str, ...], regions: list[Region], mask: np.ndarray,
                   labels: np.ndarray | None, spacing_zyx, settings: ScoringSettings,
-                  detector: ChangeDetector | None = None) -> PairScores:
-    """Calibrated scores of regions whose change features are `X` (columns `names`)."""
+                  detector: ChangeDetector | None = None, trained=None) -> PairScores:
+    """Calibrated scores of regions whose change features are `X` (columns `names`): by a normative
+    `detector`, or by one fitted (one-class) or applied (supervised: `trained`, a loaded model) within the pair,
+    its raw scores calibrated against the pair's own regions either way."""
     within_pair = detector is None
     if within_pair:
-        detector = ChangeDetector(settings).fit(X, names)
+        detector = ChangeDetector(settings, trained).fit(X, names)
     elif getattr(detector, "feature_names_", ()) and tuple(detector.feature_names_) != names:
         raise InputError(None, f"normative model was fitted on features {detector.feature_names_}, "
                                f"this pipeline makes {names}: fit it with the same pipeline")

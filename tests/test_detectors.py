@@ -53,7 +53,7 @@ def test_a_new_detector_is_one_registered_class(tmp_path):
         def __init__(self, seed: int = 0):
             self.seed = seed
 
-        def fit(self, X, y=None):
+        def fit(self, X, y=None, feature_names=()):
             self.centre_ = np.median(X, axis=0)
             self.fitted_rows_ = np.arange(len(X))
             return self
