@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import InputError
-from .io import (ITK_EXTS, NIFTI_EXTS, PICTURE_EXTS, Image, ImageInfo, SeriesInfo, _ext, _scan,
-                 describe, load_image)
+from .io import ITK_EXTS, NIFTI_EXTS, PICTURE_EXTS, Image, ImageInfo, SeriesInfo, describe, load_image
+from .io.dicom import _scan
+from .io.image import _ext
 
 log = logging.getLogger(__name__)
 

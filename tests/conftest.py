@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from longitudinal.io import write_dicom_series
+from dicom_writer import write_dicom_series
 
 PYDICOM_DIR = Path(__import__("pydicom.data", fromlist=["get_testdata_file"]).get_testdata_file(
     "CT_small.dcm")).parent

@@ -15,7 +15,8 @@ import SimpleITK as sitk
 
 from conftest import PYDICOM_DIR, smooth_volume, write_nifti, write_png
 from longitudinal.errors import InputError
-from longitudinal.io import Image, describe, load_image, save_image, scan_dicom, write_dicom_series
+from dicom_writer import write_dicom_series
+from longitudinal.io import Image, describe, load_image, save_image, scan_dicom
 
 OBLIQUE_IOP = (0.9659258, 0.2588190, 0.0, -0.2588190, 0.9659258, 0.0)  # 15 degrees about z
 
