@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, WriteError, printable
 
 log = logging.getLogger("longitudinal")
 
@@ -168,16 +168,34 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     _pipeline_arguments(p)
     p.add_argument("--series-uid", metavar=("BASELINE_UID", "FOLLOWUP_UID"), nargs=2,
                    help="pick the DICOM series of each input folder ('-' lets the loader decide for that input)")
+    p.add_argument("--baseline-date", metavar="YYYY-MM-DD", type=_iso_date,
+                   help="when the baseline was taken (default: the header, a BIDS sidecar or sessions.tsv, the name)")
+    p.add_argument("--followup-date", metavar="YYYY-MM-DD", type=_iso_date, help="when the follow-up was taken")
+    p.add_argument("--allow-mixed-patients", action="store_true",
+                   help="accept inputs whose DICOM PatientIDs differ (between or within the series)")
+
+
+def _iso_date(text: str):
+    import datetime as dt
+
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO date such as 2021-03-04, got {text!r}") from None
 
 
 def _compare(args: argparse.Namespace) -> int:
     from .compare import compare  # the pipeline's stages in order
-    from .io import load_image
     from .report import write_outputs
+    from .timeline import load_pair
 
     pipeline = _pipeline(args.pipeline)
     uids = [None if u in (None, "-") else u for u in (args.series_uid or [None, None])]
-    comparison = compare(load_image(args.baseline, uids[0]), load_image(args.followup, uids[1]), pipeline)
+    baseline, followup = load_pair(args.baseline, args.followup, series_uids=(uids[0], uids[1]),
+                                   dates=(args.baseline_date, args.followup_date),
+                                   allow_mixed_patients=args.allow_mixed_patients,
+                                   settings=pipeline.input if pipeline is not None else None)
+    comparison = compare(baseline, followup, pipeline)
     paths = write_outputs(comparison, args.out, deidentify=args.deidentify)
     flagged = sum(1 for r in comparison.regions if r.flagged)
     verdict = "PROGRESSION" if comparison.progression else "no progression"
@@ -277,8 +295,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         msg = str(exc) if isinstance(exc, InputError) else f"{exc.filename}: {exc.strerror}"
-        print(f"longitudinal: error: {' '.join(msg.split())}", file=sys.stderr)
+        print(f"longitudinal: error: {' '.join(printable(msg).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as exc:  # an output that could not be written (disk full, ...): not a bug, not bad input
+        if debug:
+            traceback.print_exc()
+        msg = str(exc) if isinstance(exc, WriteError) or not exc.filename else f"{exc.filename}: {exc.strerror}"
+        print(f"longitudinal: error: {' '.join(printable(msg).split())}", file=sys.stderr)
+        return EXIT_BUG
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a bug: one line unless --debug

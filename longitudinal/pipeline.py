@@ -24,12 +24,14 @@ PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
 def _stage_classes() -> dict[str, type]:
     # Imported here so that loading a pipeline does not import torch unless a stage needs it.
     from .encoding import EncoderSettings
+    from .io import InputSettings
     from .preprocessing import PreprocessingSettings
     from .registration import RegistrationSettings
     from .regions import RegionSettings
     from .scoring import ScoringSettings
 
     return {
+        "input": InputSettings,
         "registration": RegistrationSettings,
         "preprocessing": PreprocessingSettings,
         "encoding": EncoderSettings,

@@ -147,8 +147,10 @@ def test_dicom_tree_groups_by_patient_and_date_and_prefers_3d(tmp_path, series_w
     assert p2.visits[0].time == "093000"
     chosen = p2.visits[1]
     assert chosen.description == "vol" and chosen.size == (10, 12, 6)
-    assert chosen.load().meta.series_description == "vol"
-    assert "using series 'vol'" in caplog.text and "P2" not in caplog.text
+    meta = chosen.load().meta
+    assert meta.series_description == "vol"
+    assert meta.series_choice.startswith(f"series {chosen.series_uid} 'vol' (MR, 6 slice(s)) chosen from 2 series")
+    assert "'vol' (MR, 6 slice(s)) chosen from 2 series" in caplog.text and "P2" not in caplog.text
     only_loc = discover(root, TimelineSettings(series_description="^(loc.*)?$"))[1].visits[1]
     assert only_loc.description == "localizer" and only_loc.size == (10, 12)
 

@@ -3,14 +3,18 @@
 `Image` wraps a SimpleITK image, which already carries voxels, spacing, origin and
 direction in LPS physical space, plus the metadata a report needs (`Meta`).
 
-One module a format: `dicom` (series scan, geometry, decoding), `nifti`, `pictures`;
-`load` dispatches (`load_image`, `describe`, `save_image`); `files` writes atomically.
+One module a format: `dicom` (series scan, geometry, decoding), `nifti` (nibabel's header
+checks), `pictures`; `load` dispatches (`load_image`, `describe`, `save_image`) and bounds the
+size (`InputSettings`); `provenance` dates an image from its surroundings; `files` writes
+atomically and verified; `native` sends library messages to the log.
 """
 
 from .dicom import SeriesInfo, scan_dicom
-from .files import atomic_write, atomic_write_text
-from .image import ITK_EXTS, NIFTI_EXTS, PICTURE_EXTS, Image, ImageInfo, Meta
-from .load import describe, load_image, save_image
+from ..errors import WriteError
+from .files import TEMP_PREFIX, atomic_write, atomic_write_text, clean_stale_temp
+from .image import ITK_EXTS, NIFTI_EXTS, PICTURE_EXTS, Image, ImageInfo, InputSettings, Meta
+from .load import check_one_patient, describe, load_image, save_image
 
-__all__ = ["ITK_EXTS", "NIFTI_EXTS", "PICTURE_EXTS", "Image", "ImageInfo", "Meta", "SeriesInfo", "atomic_write",
-           "atomic_write_text", "describe", "load_image", "save_image", "scan_dicom"]
+__all__ = ["ITK_EXTS", "NIFTI_EXTS", "PICTURE_EXTS", "TEMP_PREFIX", "Image", "ImageInfo", "InputSettings", "Meta",
+           "SeriesInfo", "WriteError", "atomic_write", "atomic_write_text", "check_one_patient", "clean_stale_temp",
+           "describe", "load_image", "save_image", "scan_dicom"]

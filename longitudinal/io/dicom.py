@@ -5,14 +5,25 @@
   InstanceNumber. Missing slices, uneven spacing, duplicated positions, mixed
   orientations and sheared stacks (gantry tilt) are refused rather than resampled
   silently: a wrong geometry would show up later as a fake "change".
-- A folder holding several image series is refused unless `series_uid=` picks one;
-  the error lists the series. Guessing would silently compare different sequences.
-- An image with one frame (a single DICOM slice, PNG, JPEG) is 2D; its position in
-  the patient is dropped because 2D registration works in the image plane.
+- Every number geometry or pixel values depend on (ImagePositionPatient,
+  ImageOrientationPatient, PixelSpacing, SliceThickness, RescaleSlope/Intercept,
+  NumberOfFrames, Rows/Columns, BitsAllocated/Stored, ...) is parsed strictly from the
+  file's own bytes: a malformed value is an error naming the file and the tag, never a
+  default (GDCM reads an unparsable RescaleIntercept as 0 without a word).
+- Stored pixel values outside the range BitsStored allows are an error naming the file:
+  they only come from corrupt pixel data.
+- Every file of a series folder is accounted for: a file there that should be DICOM
+  (DICOM preamble, or a DICOM-like name: no extension, .dcm, .dicom, .ima) but cannot be
+  read makes the series in that folder unusable, with the file named; a gap in the
+  stack names the files on both sides and any unreadable file next to them. Plain text
+  files and known non-image extensions (.json, .txt, ...) are skipped.
+- A folder holding several image series is refused unless `series_uid=` (CLI
+  `--series-uid`) picks one; the error lists the series.
+- A series whose slices carry different PatientIDs is refused unless the caller allows it.
+- An image with one frame (a single DICOM slice) is 2D; its position in the patient is
+  dropped because 2D registration works in the image plane.
 - Multi-frame DICOM becomes a 3D volume when every frame has a position (enhanced
   multi-frame, RT dose grids); cine/time-series multi-frame files are refused.
-- 4D NIfTI is refused (the error says how many volumes it holds) rather than
-  silently taking the first volume. NIfTI-2 is refused: SimpleITK cannot read it.
 - Pixels are decoded by SimpleITK (GDCM handles JPEG, JPEG-LS, JPEG 2000, RLE and
   applies rescale slope/intercept); pydicom (pixel_array + modality LUT) is the
   fallback for the few files GDCM rejects. Non-integral rescale gives float32.
@@ -21,27 +32,50 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
-from dataclasses import dataclass
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.tag import Tag
 
 from ..errors import InputError
-from .image import ITK_EXTS, NIFTI_EXTS, PICTURE_EXTS, Image, Meta, _ext, _exists, _str
+from .image import DICOM_EXTS, ITK_EXTS, NIFTI_EXTS, PICTURE_EXTS, Image, Meta, _ext, _str
+from .native import library_messages
 
 log = logging.getLogger(__name__)
 
 # Files that commonly sit next to DICOM series and are never images.
-_NEVER_IMAGE_EXTS = (".txt", ".json", ".tsv", ".csv", ".md", ".xml", ".html", ".pdf", ".zip", ".gz", ".py",
-                     ".dump", ".icc", ".ini", ".log", ".bval", ".bvec")
+NEVER_IMAGE_EXTS = (".txt", ".json", ".tsv", ".csv", ".md", ".xml", ".html", ".htm", ".pdf", ".zip", ".gz", ".py",
+                    ".dump", ".icc", ".ini", ".log", ".bval", ".bvec", ".db", ".bak", ".sh", ".bat", ".exe",
+                    ".inf", ".nfo", ".cfg", ".yaml", ".yml", ".toml", ".rtf", ".doc", ".docx", ".xls", ".xlsx")
 
 # Relative tolerance on slice steps: scanners write positions with ~1e-4 mm jitter.
 _STEP_RTOL = 0.01
 _STEP_ATOL = 1e-3  # mm
+_UNIT_ATOL = 1e-3  # ImageOrientationPatient rows: unit length and orthogonal within this
+
+_DS = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")  # DICOM decimal string
+_IS = re.compile(r"[+-]?\d+")  # DICOM integer string
+
+
+@dataclass(frozen=True)
+class PixelRange:
+    """What a file's stored pixels may hold: `bits_stored` of `bits_allocated`, and the real values they map to."""
+
+    low: float  # real value (after rescale) of the smallest stored value BitsStored allows
+    high: float
+    bits_stored: int
+    bits_allocated: int
+    signed: bool
 
 
 @dataclass(frozen=True)
@@ -65,6 +99,10 @@ class SeriesInfo:
     rescale_float: bool = False  # some slice has a non-integral slope/intercept
     problem: str | None = None  # why the series cannot be loaded, found from headers alone
     problem_path: Path | None = None  # the file the problem is about
+    # Two files of the series whose PatientIDs differ (the IDs themselves are never printed).
+    mixed_patient_files: tuple[Path, Path] | None = field(default=None, repr=False)
+    # Per file (in `files` order): what its stored pixels may hold; None: not checkable.
+    pixel_ranges: tuple[PixelRange | None, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def folder(self) -> Path:
@@ -77,7 +115,8 @@ class SeriesInfo:
     def meta(self) -> Meta:
         return Meta(patient_id=self.patient_id, patient_name=self.patient_name, study_date=self.study_date,
                     study_time=self.study_time, modality=self.modality, series_description=self.description,
-                    series_uid=self.uid, sources=tuple(str(f) for f in self.files))
+                    series_uid=self.uid, sources=tuple(str(f) for f in self.files),
+                    study_date_source="DICOM StudyDate" if self.study_date else None)
 
     def label(self) -> str:
         """One line naming the series for error messages and logs (no patient data)."""
@@ -85,18 +124,112 @@ class SeriesInfo:
         return f"{self.uid} '{self.description or ''}' {self.modality or '?'} {what}"
 
 
-def _floats(value, n: int | None = None) -> tuple[float, ...] | None:
+@dataclass(frozen=True)
+class Unreadable:
+    """A file that should be DICOM (preamble or DICOM-like name) but cannot be read."""
+
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What a header-only scan of a folder found."""
+
+    series: list[SeriesInfo]
+    skipped: list[tuple[Path, str]]  # plainly not DICOM images (text, known extensions, DICOM without pixels)
+    unreadable: list[Unreadable]  # every one also makes the series of its folder unusable, if there is one
+
+    def orphans(self) -> list[Unreadable]:
+        """Unreadable files in folders that hold no image series (nothing else names them)."""
+        folders = {f.parent for s in self.series for f in s.files}
+        return [u for u in self.unreadable if u.path.parent not in folders]
+
+
+# ----------------------------------------------------------------------------- strict header values
+
+
+def _tag_name(keyword: str) -> str:
+    tag = tag_for_keyword(keyword)
+    return f"{keyword} {Tag(tag)}" if tag is not None else keyword
+
+
+def _raw_text(ds: pydicom.Dataset, keyword: str) -> str | None:
+    """The text of a DS/IS element as stored in the file (before pydicom converts it); None: absent or empty."""
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return None
+    value = ds.get_item(tag).value
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        text = value.decode("latin-1")
+    elif isinstance(value, (list, tuple, MultiValue)):
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    text = text.strip(" \0")
+    return text or None
+
+
+def _numbers(path: Path, ds: pydicom.Dataset, keyword: str, count: int | None = None,
+             integer: bool = False) -> tuple[float, ...] | None:
+    """The values of a decimal (DS) or integer (IS) string element, strictly parsed; None when absent."""
+    text = _raw_text(ds, keyword)
+    if text is None:
+        return None
+    parts = [p.strip(" \0") for p in text.split("\\")]
+    pattern = _IS if integer else _DS
+    if not all(pattern.fullmatch(p) for p in parts):
+        kind = "an integer string (IS)" if integer else "a decimal string (DS)"
+        raise InputError(path, f"malformed {_tag_name(keyword)}: {text[:64]!r} is not {kind}")
+    values = tuple(float(p) for p in parts)
+    if not all(math.isfinite(v) for v in values):
+        raise InputError(path, f"malformed {_tag_name(keyword)}: {text[:64]!r} is not finite")
+    if count is not None and len(values) != count:
+        raise InputError(path, f"malformed {_tag_name(keyword)}: {len(values)} value(s), expected {count}")
+    return values
+
+
+def _unsigned(path: Path, ds: pydicom.Dataset, keyword: str) -> int | None:
+    """An unsigned short (US) element such as Rows or BitsStored; None when absent or empty."""
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return None
     try:
-        out = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
+        value = ds[tag].value
+    except Exception as exc:  # pydicom raises several types on a value of the wrong length
+        raise InputError(path, f"malformed {_tag_name(keyword)}: {type(exc).__name__}") from exc
+    if isinstance(value, (list, MultiValue)) and len(value) == 1:
+        value = value[0]
+    if value is None or value == b"" or value == "":
         return None
-    if n is not None and len(out) != n:
-        return None
-    return out
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InputError(path, f"malformed {_tag_name(keyword)}: {str(value)[:64]!r} is not an unsigned number")
+    return int(value)
 
 
-def _integral(x: float) -> bool:
-    return float(x).is_integer()
+def _item(path: Path, ds: pydicom.Dataset | None, keyword: str) -> pydicom.Dataset | None:
+    """The first item of a sequence element, or None; a sequence that cannot be parsed is an error."""
+    if ds is None or keyword not in ds:
+        return None
+    try:
+        seq = ds[keyword].value
+        return seq[0] if seq else None
+    except Exception as exc:
+        raise InputError(path, f"malformed {_tag_name(keyword)}: {type(exc).__name__}") from exc
+
+
+def _sequence(path: Path, ds: pydicom.Dataset, keyword: str) -> list[pydicom.Dataset]:
+    if keyword not in ds:
+        return []
+    try:
+        return list(ds[keyword].value or [])
+    except Exception as exc:
+        raise InputError(path, f"malformed {_tag_name(keyword)}: {type(exc).__name__}") from exc
+
+
+# ----------------------------------------------------------------------------- reading headers
 
 
 def _has_dicom_magic(path: Path) -> bool:
@@ -108,28 +241,57 @@ def _has_dicom_magic(path: Path) -> bool:
         return False
 
 
-def _read_header(path: Path, *, strict: bool) -> pydicom.Dataset | None:
-    """The DICOM header of `path`, or None when it is not DICOM.
-
-    Files without the 128-byte preamble are read with force=True and accepted only if
-    they carry a SOP Class UID, so a random binary file is not taken for DICOM.
-    With `strict`, a file with the DICOM preamble whose header cannot be parsed raises.
-    """
-    magic = _has_dicom_magic(path)
-    if not magic and _ext(path) in _NEVER_IMAGE_EXTS + NIFTI_EXTS + PICTURE_EXTS + ITK_EXTS:
-        return None
+def _looks_like_text(path: Path) -> bool:
+    """A README or notes file without an extension: no NUL byte and valid UTF-8 at the start."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=not magic)
-    except InvalidDicomError:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    if not head or b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start > len(head) - 4  # a multi-byte character cut at the end of the sample
+    return True
+
+
+def _read_header(path: Path) -> pydicom.Dataset | None:
+    """The DICOM header of `path`; None when the file is plainly not DICOM.
+
+    Plainly not DICOM: a known non-DICOM extension, or a text file, without the 128-byte preamble.
+    A file with the preamble, or with a DICOM-like name (no extension, .dcm, .dicom, .ima, a UID), that cannot
+    be parsed raises InputError: inside a series folder it may be a slice, and dropping it would go unnoticed.
+    Files without the preamble are accepted only if they carry a SOP Class UID or Rows and Columns; other
+    files (an unknown extension) that are not DICOM are plainly not DICOM.
+    """
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except PermissionError as exc:
+        raise InputError(path, "permission denied: the file cannot be read") from exc
+    except OSError as exc:
+        raise InputError(path, f"cannot read the file: {exc.strerror or exc}") from exc
+    magic = _has_dicom_magic(path)
+    ext = _ext(path)
+    if not magic and (ext in NEVER_IMAGE_EXTS + NIFTI_EXTS + PICTURE_EXTS + ITK_EXTS or _looks_like_text(path)):
         return None
+    dicom_like = magic or ext in DICOM_EXTS or ext[1:].isdigit()  # UID-named files end in ".<digits>"
+    try:
+        with library_messages(f"reading {path}"):
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=not magic)
     except Exception as exc:  # pydicom raises many types on truncated or corrupt headers
-        if magic and strict:
-            raise InputError(path, f"DICOM header is truncated or corrupt ({type(exc).__name__}: {exc})") from exc
-        if magic:
-            log.warning("skipping %s: corrupt DICOM header (%s)", path, type(exc).__name__)
-        return None
-    if not magic and "SOPClassUID" not in ds:
-        return None
+        if not dicom_like:
+            return None
+        what = "DICOM header is truncated or corrupt" if magic else "not a DICOM file, or its header is corrupt"
+        if isinstance(exc, InvalidDicomError):
+            what = "not a DICOM file"
+        raise InputError(path, f"{what} ({type(exc).__name__}: {str(exc)[:120]})") from exc
+    if not magic and "SOPClassUID" not in ds and not ("Rows" in ds and "Columns" in ds):
+        if not dicom_like:
+            return None
+        raise InputError(path, "not a DICOM file")
     return ds
 
 
@@ -142,14 +304,17 @@ def _sop_name(ds: pydicom.Dataset) -> str:
 
 
 def _is_image(ds: pydicom.Dataset) -> bool:
-    return "Rows" in ds and "Columns" in ds and ds.get("Rows") and ds.get("Columns")
+    try:
+        return bool("Rows" in ds and "Columns" in ds and ds.get("Rows") and ds.get("Columns"))
+    except Exception:  # a Rows value pydicom cannot convert: the strict reader names it later
+        return True
 
 
 def _not_an_image(path: Path, ds: pydicom.Dataset) -> InputError:
     if "Image Storage" in _sop_name(ds):
         # An image SOP class without Rows/Columns: pydicom stops quietly at the end of a cut file.
         return InputError(path, f"DICOM {_sop_name(ds)} header has no Rows/Columns: file truncated or corrupt")
-    return InputError(path, f"not an image: DICOM {_sop_name(ds)} (Modality {ds.get('Modality', '?')}) "
+    return InputError(path, f"not an image: DICOM {_sop_name(ds)} (Modality {_str(ds.get('Modality')) or '?'}) "
                             "holds no pixel data")
 
 
@@ -168,98 +333,142 @@ class _Slice:
     components: int
     slope: float
     intercept: float
+    value_range: PixelRange | None  # what the stored pixels may hold (BitsStored, rescale)
 
 
-def _pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
+def _spacing_values(path: Path, ds: pydicom.Dataset, key: str) -> tuple[float, float] | None:
+    ps = _numbers(path, ds, key, count=2)
+    if ps is not None and not all(v > 0 for v in ps):
+        raise InputError(path, f"{_tag_name(key)} must be positive, got {ps[0]:g}\\{ps[1]:g}")
+    return ps  # type: ignore[return-value]
+
+
+def _pixel_spacing(path: Path, ds: pydicom.Dataset) -> tuple[float, float] | None:
     for key in ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing"):
-        ps = _floats(ds.get(key), 2)
-        if ps and all(v > 0 for v in ps):
+        ps = _spacing_values(path, ds, key)
+        if ps is not None:
             return ps
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    if shared:
-        try:
-            return _floats(shared[0].PixelMeasuresSequence[0].PixelSpacing, 2)
-        except (AttributeError, IndexError):
-            pass
-    return None
+    measures = _item(path, _item(path, ds, "SharedFunctionalGroupsSequence"), "PixelMeasuresSequence")
+    return _spacing_values(path, measures, "PixelSpacing") if measures is not None else None
 
 
-def _rescale(ds: pydicom.Dataset) -> tuple[float, float]:
-    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
-    if slope is None:
-        shared = ds.get("SharedFunctionalGroupsSequence")
-        try:
-            pvt = shared[0].PixelValueTransformationSequence[0]
-            slope, intercept = pvt.RescaleSlope, pvt.RescaleIntercept
-        except (AttributeError, IndexError, TypeError):
-            pass
-    try:
-        return float(slope if slope is not None else 1.0), float(intercept if intercept is not None else 0.0)
-    except (TypeError, ValueError):
-        return 1.0, 0.0
+def _rescale(path: Path, ds: pydicom.Dataset) -> tuple[float, float]:
+    source = ds
+    if _raw_text(ds, "RescaleSlope") is None and _raw_text(ds, "RescaleIntercept") is None:
+        shared = _item(path, ds, "SharedFunctionalGroupsSequence")
+        source = _item(path, shared, "PixelValueTransformationSequence") or ds
+    slope = _numbers(path, source, "RescaleSlope", count=1)
+    intercept = _numbers(path, source, "RescaleIntercept", count=1)
+    if slope is not None and slope[0] == 0:
+        raise InputError(path, f"{_tag_name('RescaleSlope')} is 0: every pixel would have the same value")
+    return (slope[0] if slope else 1.0), (intercept[0] if intercept else 0.0)
+
+
+def _value_range(path: Path, ds: pydicom.Dataset, slope: float, intercept: float) -> PixelRange | None:
+    """The real values stored pixels can take given BitsStored, PixelRepresentation and the rescale.
+
+    None where the check does not apply: float pixel data (no BitsStored), palette colour and modality LUTs
+    (the stored value is an index).
+    """
+    rows, cols = _unsigned(path, ds, "Rows"), _unsigned(path, ds, "Columns")
+    if not rows or not cols:
+        raise InputError(path, f"{_tag_name('Rows')}/{_tag_name('Columns')} must be at least 1, got {rows}x{cols}")
+    samples = _unsigned(path, ds, "SamplesPerPixel")
+    if samples is not None and samples not in (1, 3, 4):
+        raise InputError(path, f"{_tag_name('SamplesPerPixel')} is {samples}; expected 1 or 3")
+    allocated, stored = _unsigned(path, ds, "BitsAllocated"), _unsigned(path, ds, "BitsStored")
+    high, representation = _unsigned(path, ds, "HighBit"), _unsigned(path, ds, "PixelRepresentation")
+    if allocated is not None and allocated not in (1, 8, 16, 32, 64):
+        raise InputError(path, f"{_tag_name('BitsAllocated')} is {allocated}; expected 1, 8, 16, 32 or 64")
+    if stored is not None and not 1 <= stored <= (allocated or 64):
+        raise InputError(path, f"{_tag_name('BitsStored')} is {stored}; expected 1 to BitsAllocated ({allocated})")
+    if high is not None and allocated is not None and high >= allocated:
+        raise InputError(path, f"{_tag_name('HighBit')} is {high}; expected below BitsAllocated ({allocated})")
+    if representation is not None and representation not in (0, 1):
+        raise InputError(path, f"{_tag_name('PixelRepresentation')} is {representation}; expected 0 or 1")
+    photometric = (_str(ds.get("PhotometricInterpretation")) or "").upper()
+    if stored is None or allocated == 1 or photometric == "PALETTE COLOR" or "ModalityLUTSequence" in ds:
+        return None  # no BitsStored (float data), bits unpacked to 0/255 by GDCM, or an index into a table
+    if representation == 1:
+        lo, hi = -(2 ** (stored - 1)), 2 ** (stored - 1) - 1
+    else:
+        lo, hi = 0, 2 ** stored - 1
+    a, b = slope * lo + intercept, slope * hi + intercept
+    return PixelRange(min(a, b), max(a, b), stored, allocated or 16, representation == 1)
 
 
 def _slices_of(path: Path, ds: pydicom.Dataset) -> list[_Slice]:
     """One entry per frame, with the frame's position when the header gives it."""
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    comps = int(ds.get("SamplesPerPixel", 1) or 1)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
+    slope, intercept = _rescale(path, ds)
+    value_range = _value_range(path, ds, slope, intercept)
+    rows, cols = _unsigned(path, ds, "Rows") or 0, _unsigned(path, ds, "Columns") or 0
+    comps = _unsigned(path, ds, "SamplesPerPixel") or 1
+    if (_str(ds.get("PhotometricInterpretation")) or "").upper() == "PALETTE COLOR":
         comps = 3
-    slope, intercept = _rescale(ds)
-    ps = _pixel_spacing(ds)
-    try:
-        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError):
-        n_frames = 1
-    iop = _floats(ds.get("ImageOrientationPatient"), 6)
-    ipp = _floats(ds.get("ImagePositionPatient"), 3)
-    base = dict(path=path, rows=rows, cols=cols, components=comps, slope=slope, intercept=intercept)
+    ps = _pixel_spacing(path, ds)
+    for key in ("SliceThickness", "SpacingBetweenSlices"):
+        _numbers(path, ds, key, count=1)  # unused for geometry (positions decide), but a corrupt value is a sign
+    frames = _numbers(path, ds, "NumberOfFrames", count=1, integer=True)
+    n_frames = int(frames[0]) if frames else 1
+    if n_frames < 1:
+        raise InputError(path, f"{_tag_name('NumberOfFrames')} is {n_frames}; expected at least 1")
+    iop = _numbers(path, ds, "ImageOrientationPatient", count=6)
+    ipp = _numbers(path, ds, "ImagePositionPatient", count=3)
+    base = dict(path=path, rows=rows, cols=cols, components=comps, slope=slope, intercept=intercept,
+                value_range=value_range)
     if n_frames == 1:
-        return [_Slice(frame=None, ipp=ipp, iop=iop, pixel_spacing=ps, **base)]
+        return [_Slice(frame=None, ipp=ipp, iop=iop, pixel_spacing=ps, **base)]  # type: ignore[arg-type]
     # Enhanced multi-frame: positions per frame in functional groups.
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    shared = ds.get("SharedFunctionalGroupsSequence")
+    per_frame = _sequence(path, ds, "PerFrameFunctionalGroupsSequence")
+    shared = _item(path, ds, "SharedFunctionalGroupsSequence")
     if per_frame and len(per_frame) == n_frames:
         out = []
+        shared_iop = _numbers(path, _item(path, shared, "PlaneOrientationSequence") or pydicom.Dataset(),
+                              "ImageOrientationPatient", count=6)
         for k, item in enumerate(per_frame):
-            try:
-                f_ipp = _floats(item.PlanePositionSequence[0].ImagePositionPatient, 3)
-            except (AttributeError, IndexError):
-                f_ipp = None
-            f_iop = None
-            for group in (item, shared[0] if shared else None):
-                if f_iop is None and group is not None:
-                    try:
-                        f_iop = _floats(group.PlaneOrientationSequence[0].ImageOrientationPatient, 6)
-                    except (AttributeError, IndexError):
-                        pass
-            out.append(_Slice(frame=k, ipp=f_ipp, iop=f_iop or iop, pixel_spacing=ps, **base))
+            plane = _item(path, item, "PlanePositionSequence")
+            f_ipp = _numbers(path, plane, "ImagePositionPatient", count=3) if plane is not None else None
+            orient = _item(path, item, "PlaneOrientationSequence")
+            f_iop = _numbers(path, orient, "ImageOrientationPatient", count=6) if orient is not None else None
+            out.append(_Slice(frame=k, ipp=f_ipp, iop=f_iop or shared_iop or iop,  # type: ignore[arg-type]
+                              pixel_spacing=ps, **base))
         return out
     # RT dose / NM style: one position plus offsets along the normal.
-    offsets = _floats(ds.get("GridFrameOffsetVector"))
+    offsets = _numbers(path, ds, "GridFrameOffsetVector")
     if offsets and len(offsets) == n_frames and ipp and iop:
         n = np.cross(iop[:3], iop[3:])
         start = np.asarray(ipp) if offsets[0] == 0 else np.asarray(ipp) - np.dot(ipp, n) * n
-        return [_Slice(frame=k, ipp=tuple(start + off * n), iop=iop, pixel_spacing=ps, **base)
+        return [_Slice(frame=k, ipp=tuple(start + off * n), iop=iop, pixel_spacing=ps, **base)  # type: ignore
                 for k, off in enumerate(offsets)]
-    return [_Slice(frame=k, ipp=None, iop=None, pixel_spacing=ps, **base) for k in range(n_frames)]
+    return [_Slice(frame=k, ipp=None, iop=None, pixel_spacing=ps, **base) for k in range(n_frames)]  # type: ignore
 
 
-def _geometry(slices: list[_Slice]) -> tuple[list[_Slice], tuple, tuple, tuple, tuple, str | None, Path | None]:
-    """Order slices along the normal and check the stack is a regular grid.
+@dataclass(frozen=True)
+class _Grid:
+    """Slices in spatial order and the regular grid they make, or why they make none."""
 
-    Returns (ordered slices, size, spacing, origin, direction, problem, problem_path).
-    """
+    slices: list[_Slice]
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+    problem: str | None = None
+    problem_path: Path | None = None
+    gap: bool = False  # the problem is a gap in the stack (a whole number of slices missing)
+
+
+def _geometry(slices: list[_Slice]) -> _Grid:
+    """Order slices along the normal and check the stack is a regular grid."""
     first = slices[0]
     comps = first.components
     ps = first.pixel_spacing or (1.0, 1.0)
     spacing2 = (ps[1], ps[0])
     if len(slices) == 1:
-        return slices, (first.cols, first.rows), spacing2, (0.0, 0.0), (1.0, 0.0, 0.0, 1.0), None, None
+        return _Grid(slices, (first.cols, first.rows), spacing2, (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
 
-    def fail(problem: str, path: Path | None = None):
-        return slices, (first.cols, first.rows, len(slices)), spacing2 + (1.0,), (0.0, 0.0, 0.0), \
-            tuple(np.eye(3).ravel()), problem, path or first.path
+    def fail(problem: str, path: Path | None = None, gap: bool = False) -> _Grid:
+        return _Grid(slices, (first.cols, first.rows, len(slices)), spacing2 + (1.0,), (0.0, 0.0, 0.0),
+                     tuple(np.eye(3).ravel()), problem, path or first.path, gap)
 
     for s in slices:
         if (s.rows, s.cols, s.components) != (first.rows, first.cols, comps):
@@ -281,10 +490,13 @@ def _geometry(slices: list[_Slice]) -> tuple[list[_Slice], tuple, tuple, tuple, 
             return fail(f"slices differ in pixel spacing ({first.path.name} vs {s.path.name})", s.path)
     row, col = iop0[:3], iop0[3:]
     normal = np.cross(row, col)
-    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
-        return fail(f"ImageOrientationPatient {tuple(iop0)} is not two orthogonal unit vectors")
+    if not (abs(np.linalg.norm(row) - 1) < _UNIT_ATOL and abs(np.linalg.norm(col) - 1) < _UNIT_ATOL
+            and abs(np.dot(row, col)) < _UNIT_ATOL):
+        return fail(f"ImageOrientationPatient {tuple(float(v) for v in iop0)} is not two orthogonal unit vectors")
+    normal = normal / np.linalg.norm(normal)
     order = sorted(range(len(slices)), key=lambda i: float(np.dot(slices[i].ipp, normal)))
     slices = [slices[i] for i in order]
+    folder = Path(os.path.commonpath([str(s.path.parent) for s in slices]))
     pos = np.array([np.dot(s.ipp, normal) for s in slices])
     steps = np.diff(pos)
     dup = np.flatnonzero(steps < _STEP_ATOL)
@@ -300,98 +512,171 @@ def _geometry(slices: list[_Slice]) -> tuple[list[_Slice], tuple, tuple, tuple, 
         ratio = steps[i] / expected
         missing = ratio > 1.5 and abs(ratio - round(ratio)) < 0.1  # a whole number of slices is absent
         kind = f"{round(ratio) - 1} missing slice(s)? gap" if missing else "uneven slice spacing: step"
+        # The files on both sides are healthy: the message names them, the error names the folder.
         return fail(f"{kind} of {steps[i]:.3f} mm between slice {i} (z={pos[i]:.3f}, {slices[i].path.name}) and "
                     f"slice {i + 1} (z={pos[i + 1]:.3f}, {slices[i + 1].path.name}), expected {expected:.3f} mm",
-                    slices[i + 1].path)
+                    folder, gap=missing)
     ipp0 = np.asarray(slices[0].ipp)
-    for s, d in zip(slices, pos):
+    for s in slices:
         offset = np.asarray(s.ipp) - ipp0
         in_plane = offset - np.dot(offset, normal) * normal
         if np.linalg.norm(in_plane) > max(0.01 * expected, _STEP_ATOL) + 1e-3:
             return fail(f"slices are sheared ({np.linalg.norm(in_plane):.2f} mm in-plane shift at {s.path.name}); "
                         "gantry tilt is not supported, resample the series first", s.path)
     direction = np.column_stack([row, col, normal])
-    return (slices, (first.cols, first.rows, len(slices)), spacing2 + (expected,), tuple(float(v) for v in ipp0),
-            tuple(float(v) for v in direction.ravel()), None, None)
+    return _Grid(slices, (first.cols, first.rows, len(slices)), spacing2 + (expected,),
+                 tuple(float(v) for v in ipp0), tuple(float(v) for v in direction.ravel()))
 
 
-def _series_from(uid: str, entries: list[tuple[Path, pydicom.Dataset]]) -> SeriesInfo:
+def _series_from(uid: str, entries: list[tuple[Path, pydicom.Dataset]],
+                 unreadable: Sequence[Unreadable] = ()) -> SeriesInfo:
+    """The series made of `entries`; `unreadable`: files of its folder that could not be read."""
     entries = sorted(entries, key=lambda e: str(e[0]))
     slices: list[_Slice] = []
+    problem: str | None = None
+    problem_path: Path | None = None
     for path, ds in entries:
-        slices.extend(_slices_of(path, ds))
-    problem, problem_path = None, None
-    multi = [p for p, ds in entries if int(ds.get("NumberOfFrames", 1) or 1) > 1]
-    if multi and len(entries) > 1:
+        try:
+            slices.extend(_slices_of(path, ds))
+        except InputError as exc:
+            if problem is None:
+                problem, problem_path = exc.problem, path
+    if problem is not None:
+        slices = [s for s in slices if s.path != problem_path] or slices
+    multi = [p for p, ds in entries if len([s for s in slices if s.path == p]) > 1]
+    if problem is None and multi and len(entries) > 1:
         problem, problem_path = (f"series mixes {len(multi)} multi-frame file(s) with other files; "
                                  "load one file at a time"), multi[0]
-    ordered, size, spacing, origin, direction, geo_problem, geo_path = _geometry(slices)
-    problem, problem_path = problem or geo_problem, problem_path or geo_path
+    if slices:
+        grid = _geometry(slices)
+    else:  # every file had a malformed header
+        grid = _Grid([], (1, 1), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
+    if problem is None and unreadable:  # a malformed header first, then an unreadable file, then geometry
+        u = unreadable[0]
+        more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+        if grid.gap:
+            problem = (f"{grid.problem}; {len(unreadable)} file(s) in this folder could not be read and may be the "
+                       f"missing slice(s): {u.path.name} ({u.reason}){more}")
+        else:
+            problem = (f"{u.reason}; it sits in the folder of series {uid} ({len(entries)} readable file(s)), "
+                       f"which cannot be used without it{more}")
+        problem_path = u.path
+    elif problem is None:
+        problem, problem_path = grid.problem, grid.problem_path
     ds0 = entries[0][1]
-    files = tuple(dict.fromkeys(s.path for s in ordered))
+    ids: dict[str, Path] = {}
+    for path, ds in entries:
+        ids.setdefault(_str(ds.get("PatientID")) or "", path)
+    mixed = tuple(ids.values())[:2] if len(ids) > 1 else None
+    files = tuple(dict.fromkeys(s.path for s in grid.slices)) or tuple(p for p, _ in entries)
+    ranges = {s.path: s.value_range for s in grid.slices}
     return SeriesInfo(
-        uid=uid, files=files, size=tuple(int(v) for v in size), spacing=tuple(float(v) for v in spacing),
-        origin=tuple(origin), direction=tuple(direction), components=slices[0].components,
+        uid=uid, files=files, size=tuple(int(v) for v in grid.size), spacing=tuple(float(v) for v in grid.spacing),
+        origin=tuple(grid.origin), direction=tuple(grid.direction),
+        components=slices[0].components if slices else 1,
         modality=_str(ds0.get("Modality")), description=_str(ds0.get("SeriesDescription")),
         patient_id=_str(ds0.get("PatientID")), patient_name=_str(ds0.get("PatientName")),
         study_date=_str(ds0.get("StudyDate")), study_time=_str(ds0.get("StudyTime")),
         study_uid=_str(ds0.get("StudyInstanceUID")),
-        rescale_float=any(not (_integral(s.slope) and _integral(s.intercept)) for s in slices)
+        rescale_float=any(not (float(s.slope).is_integer() and float(s.intercept).is_integer()) for s in slices)
         or len({(s.slope, s.intercept) for s in slices}) > 1,
-        problem=problem, problem_path=problem_path)
+        problem=problem, problem_path=problem_path, mixed_patient_files=mixed,  # type: ignore[arg-type]
+        pixel_ranges=tuple(ranges.get(f) for f in files))
 
 
-def _scan(folder: Path) -> tuple[list[SeriesInfo], list[tuple[Path, str]]]:
-    """Header-only scan: image series found under `folder`, and files skipped with why."""
+# ----------------------------------------------------------------------------- scanning folders
+
+
+def _walk(folder: Path, unreadable: list[Unreadable]) -> list[Path]:
+    """Every non-hidden file under `folder`, in sorted order; folders that cannot be listed go to `unreadable`."""
+    files: list[Path] = []
+    seen: set[str] = set()
+
+    def failed(exc: OSError) -> None:
+        where = Path(exc.filename) if exc.filename else folder
+        unreadable.append(Unreadable(where, f"folder cannot be listed: {exc.strerror or exc}"))
+
+    for root, dirs, names in os.walk(folder, onerror=failed, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a symbolic link loop
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files.extend(Path(root) / n for n in names if not n.startswith("."))
+    return sorted(p for p in files if p.is_file() or not p.exists())
+
+
+def scan(folder: Path) -> Scan:
+    """Header-only scan: the image series under `folder`, files skipped with why, and unreadable files."""
     groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
     skipped: list[tuple[Path, str]] = []
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
+    unreadable: list[Unreadable] = []
+    for path in _walk(folder, unreadable):
+        try:
+            ds = _read_header(path)
+        except InputError as exc:
+            unreadable.append(Unreadable(path, exc.problem))
             continue
-        ds = _read_header(path, strict=True)
         if ds is None:
             skipped.append((path, "not DICOM"))
             continue
         if not _is_image(ds):
-            if "Image Storage" in _sop_name(ds):
-                raise _not_an_image(path, ds)  # an image file cut short: do not drop a slice silently
-            skipped.append((path, f"DICOM {_sop_name(ds)} without pixels"))
+            if "Image Storage" in _sop_name(ds):  # an image file cut short: do not drop a slice silently
+                unreadable.append(Unreadable(path, _not_an_image(path, ds).problem))
+            else:
+                skipped.append((path, f"DICOM {_sop_name(ds)} without pixels"))
             continue
-        uid = _str(ds.get("SeriesInstanceUID")) or f"(no SeriesInstanceUID: {path.name})"
-        groups.setdefault(uid, []).append((path, ds))
-    series = [_series_from(uid, entries) for uid, entries in groups.items()]
+        try:
+            uid = _str(ds.get("SeriesInstanceUID"))
+        except Exception:
+            uid = None
+        groups.setdefault(uid or f"(no SeriesInstanceUID: {path.name})", []).append((path, ds))
+    series = []
+    for uid, entries in groups.items():
+        folders = {p.parent for p, _ in entries}
+        series.append(_series_from(uid, entries, [u for u in unreadable if u.path.parent in folders]))
     series.sort(key=lambda s: (s.study_date or "", s.study_time or "", s.uid))
-    return series, skipped
+    return Scan(series, skipped, unreadable)
 
 
 def scan_dicom(folder: str | os.PathLike) -> list[SeriesInfo]:
     """All DICOM image series under `folder` (recursive), from headers only.
 
-    Series whose geometry is unusable are returned with `problem` set, so a caller can
-    list them or skip them; non-DICOM files and DICOM objects without pixels are skipped.
+    Series whose geometry is unusable, or whose folder holds a file that cannot be read, are returned with
+    `problem` set, so a caller can list them or skip them; non-DICOM files and DICOM objects without pixels
+    are skipped.
     """
-    folder = _exists(folder)
+    from .files import existing
+
+    folder = existing(folder)
     if not folder.is_dir():
         raise InputError(folder, "not a folder")
-    return _scan(folder)[0]
+    return scan(folder).series
 
 
-def _pick_series(folder: Path, series: list[SeriesInfo], skipped: list[tuple[Path, str]],
-                 series_uid: str | None) -> SeriesInfo:
-    if not series:
-        if skipped:
-            kinds = sorted({why for _, why in skipped})
-            raise InputError(folder, f"no DICOM image found among {len(skipped)} file(s) ({'; '.join(kinds)})")
+def pick_series(folder: Path, found: Scan, series_uid: str | None) -> SeriesInfo:
+    """The series `series_uid` names, or the only one; refuses unreadable files nothing else accounts for."""
+    orphans = found.orphans()
+    if orphans:
+        u = orphans[0]
+        more = f" ({len(orphans) - 1} more unreadable file(s) under {folder})" if len(orphans) > 1 else ""
+        raise InputError(u.path, f"{u.reason}{more}")
+    if not found.series:
+        if found.skipped:
+            kinds = sorted({why for _, why in found.skipped})
+            raise InputError(folder, f"no DICOM image found among {len(found.skipped)} file(s) ({'; '.join(kinds)})")
         raise InputError(folder, "folder is empty")
     if series_uid is not None:
-        match = [s for s in series if s.uid == series_uid]
+        match = [s for s in found.series if s.uid == series_uid]
         if not match:
             raise InputError(folder, f"no series with SeriesInstanceUID {series_uid}; found: "
-                                     + "; ".join(s.label() for s in series))
+                                     + "; ".join(s.label() for s in found.series))
         return match[0]
-    if len(series) > 1:
-        raise InputError(folder, f"{len(series)} image series in this folder, choose one with series_uid=: " + "; ".join(s.label() for s in series))
-    return series[0]
+    if len(found.series) > 1:
+        raise InputError(folder, f"{len(found.series)} image series in this folder, choose one with --series-uid "
+                                 "(Python: series_uid=): " + "; ".join(s.label() for s in found.series))
+    return found.series[0]
 
 
 # ----------------------------------------------------------------------------- DICOM pixels
@@ -400,22 +685,26 @@ def _pick_series(folder: Path, series: list[SeriesInfo], skipped: list[tuple[Pat
 def _decode_file(path: Path) -> np.ndarray:
     """Real-valued pixels of one DICOM file as (frames, rows, cols[, channels])."""
     try:
-        img = sitk.ReadImage(str(path), imageIO="GDCMImageIO")
+        with library_messages(f"decoding {path}"):
+            img = sitk.ReadImage(str(path), imageIO="GDCMImageIO")
         arr = sitk.GetArrayFromImage(img)
         if img.GetDimension() == 2:
             arr = arr[None]
     except RuntimeError:
         try:
-            ds = pydicom.dcmread(path, force=True)
-            raw = ds.pixel_array
-            from pydicom.pixels import apply_color_lut, apply_modality_lut
-            if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
-                arr = apply_color_lut(raw, ds)
-            else:
-                arr = apply_modality_lut(raw, ds)
-            n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-            if n_frames == 1:
+            with library_messages(f"decoding {path} with pydicom"):
+                ds = pydicom.dcmread(path, force=True)
+                raw = ds.pixel_array
+                from pydicom.pixels import apply_color_lut, apply_modality_lut
+                if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
+                    arr = apply_color_lut(raw, ds)
+                else:
+                    arr = apply_modality_lut(raw, ds)
+            frames = _numbers(path, ds, "NumberOfFrames", count=1, integer=True)
+            if not frames or frames[0] == 1:
                 arr = arr[None]
+        except InputError:
+            raise
         except Exception as exc:
             if not _has_pixel_data(path):
                 raise InputError(path, "DICOM file has image attributes but no pixel data") from exc
@@ -424,12 +713,16 @@ def _decode_file(path: Path) -> np.ndarray:
                                    f"{reason[:200]}") from exc
     if arr.dtype == np.float64:
         arr = arr.astype(np.float32)
+    if not arr.dtype.isnative:  # pydicom leaves big-endian data big-endian; SimpleITK takes native order only
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     return np.ascontiguousarray(arr)
 
 
 def _has_pixel_data(path: Path) -> bool:
     try:
-        ds = pydicom.dcmread(path, force=True, specific_tags=["PixelData", "FloatPixelData", "DoubleFloatPixelData"])
+        with library_messages(f"reading {path}"):
+            ds = pydicom.dcmread(path, force=True,
+                                 specific_tags=["PixelData", "FloatPixelData", "DoubleFloatPixelData"])
     except Exception:
         return True  # unreadable: report it as a decoding failure
     return any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
@@ -437,12 +730,56 @@ def _has_pixel_data(path: Path) -> bool:
 
 def _transfer_syntax(path: Path) -> str:
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True, force=True).file_meta.TransferSyntaxUID.name
+        with library_messages(f"reading {path}"):
+            return pydicom.dcmread(path, stop_before_pixels=True, force=True).file_meta.TransferSyntaxUID.name
     except Exception:
         return "unknown transfer syntax"
 
 
-def _load_series(info: SeriesInfo) -> Image:
+def _check_values(path: Path, values: np.ndarray, allowed: PixelRange | None) -> None:
+    """Refuse pixels that no stored value within BitsStored could give: corrupt pixel data.
+
+    Checked twice: on the stored bits of uncompressed files (GDCM masks bits above BitsStored away, which
+    would hide the corruption) and on the decoded, rescaled values (what other decoders let through).
+    """
+    if allowed is None or values.size == 0:
+        return
+    _check_stored_bits(path, allowed)
+    lo, hi = float(values.min()), float(values.max())
+    tol = max(1e-6 * max(abs(allowed.low), abs(allowed.high)), 1e-9)
+    if lo < allowed.low - tol or hi > allowed.high + tol:
+        raise InputError(path, f"pixel values {lo:g} to {hi:g} lie outside the {allowed.low:g} to {allowed.high:g} "
+                               f"that BitsStored ({allowed.bits_stored}) and the rescale allow: pixel data corrupt")
+
+
+def _check_stored_bits(path: Path, allowed: PixelRange) -> None:
+    """In an uncompressed file, bits above BitsStored must be zero (or, signed, a sign extension)."""
+    if allowed.bits_stored >= allowed.bits_allocated or allowed.bits_allocated not in (8, 16, 32):
+        return
+    try:
+        with library_messages(f"reading {path}"):
+            ds = pydicom.dcmread(path, force=True)
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        data = ds.get("PixelData") if syntax is not None and not syntax.is_compressed else None
+    except Exception:  # the decoder already read this file; a failure here is not about the stored bits
+        return
+    if not isinstance(data, bytes):
+        return
+    dtype = np.dtype(f"{'<' if syntax.is_little_endian else '>'}u{allowed.bits_allocated // 8}")
+    raw = np.frombuffer(data[:len(data) - len(data) % dtype.itemsize], dtype=dtype)
+    above = raw >> allowed.bits_stored
+    ok = above == 0
+    if allowed.signed:
+        ok |= above == (1 << (allowed.bits_allocated - allowed.bits_stored)) - 1
+    bad = int(np.count_nonzero(~ok))
+    if bad:
+        worst = int(raw[~ok].max())
+        raise InputError(path, f"{bad} stored pixel value(s) (up to {worst}) use bits above BitsStored "
+                               f"({allowed.bits_stored} of {allowed.bits_allocated}): pixel data corrupt")
+
+
+def load_series(info: SeriesInfo) -> Image:
+    """Voxels of a scanned series (its problem, if any, raised), checked against BitsStored."""
     if info.problem:
         raise InputError(info.problem_path or info.folder, info.problem)
     if len(info.size) == 3 and len(info.files) == info.size[2]:
@@ -454,22 +791,27 @@ def _load_series(info: SeriesInfo) -> Image:
             reader.SetImageIO("GDCMImageIO")
             if info.rescale_float:
                 reader.SetOutputPixelType(sitk.sitkVectorFloat32 if info.components > 1 else sitk.sitkFloat32)
-            arr = sitk.GetArrayFromImage(reader.Execute())
+            with library_messages(f"decoding {info.folder}"):
+                arr = sitk.GetArrayFromImage(reader.Execute())
         except RuntimeError:
             log.debug("ITK series reader failed on %s; decoding file by file", info.folder)
         if arr is None:
             arr = np.concatenate([_decode_file(f) for f in info.files], axis=0)
             if info.rescale_float:
                 arr = arr.astype(np.float32)
+        for k, (path, allowed) in enumerate(zip(info.files, info.pixel_ranges)):
+            _check_values(path, arr[k], allowed)
     else:
         # A single file: one image, or a multi-frame stack that needs its frames reordered.
         (path,) = info.files
         arr = _decode_file(path)
+        if info.pixel_ranges:
+            _check_values(path, arr, info.pixel_ranges[0])
         if len(info.size) == 3:
-            ds = _read_header(path, strict=True)
-            frames = _slices_of(path, ds)
+            ds = _read_header(path)
+            frames = _slices_of(path, ds)  # type: ignore[arg-type]
             normal = np.asarray(info.direction).reshape(3, 3)[:, 2]
-            order = np.argsort([np.dot(s.ipp, normal) for s in frames], kind="stable")
+            order = np.argsort([np.dot(s.ipp, normal) for s in frames], kind="stable")  # type: ignore[arg-type]
             arr = arr[order]
         else:
             arr = arr[0]
@@ -482,15 +824,11 @@ def _load_series(info: SeriesInfo) -> Image:
     return Image(img, info.meta())
 
 
-def _load_dicom_file(path: Path) -> Image:
-    ds = _read_header(path, strict=True)
+def file_series(path: Path) -> SeriesInfo:
+    """A single DICOM file as a (one-file) series, from its header."""
+    ds = _read_header(path)
     if ds is None:
         raise InputError(path, "not a DICOM file (and no known image extension)")
     if not _is_image(ds):
         raise _not_an_image(path, ds)
-    uid = _str(ds.get("SeriesInstanceUID")) or path.name
-    return _load_series(_series_from(uid, [(path, ds)]))
-
-
-# ----------------------------------------------------------------------------- public API
-
+    return _series_from(_str(ds.get("SeriesInstanceUID")) or path.name, [(path, ds)])

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import SimpleITK as sitk
@@ -17,9 +17,34 @@ PICTURE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 ITK_EXTS = (".nrrd", ".nhdr", ".mha", ".mhd")
 DICOM_EXTS = (".dcm", ".dicom", ".ima", "")
 
+
+@dataclass(frozen=True)
+class InputSettings:
+    """What the loader accepts; an `[input]` table in pipelines/*.toml sets these by name.
+
+    `max_voxels` counts voxels times colour channels (an RGB pixel counts 3): memory and time grow with it
+    (a 2000x2000 RGB pair peaks at about 2 GB in `compare`). Above it the image is refused in one line before
+    its voxels are read, or with `too_large = "downsample"` averaged down by a whole factor per axis
+    (`Meta.downsampled` says so); the default admits a 256^3 volume or a 2364x2364 colour picture.
+    """
+
+    max_voxels: int = 2**24
+    too_large: Literal["refuse", "downsample"] = "refuse"
+
+    def __post_init__(self) -> None:
+        if self.max_voxels < 1:
+            raise ValueError(f"max_voxels must be at least 1, got {self.max_voxels}")
+        if self.too_large not in ("refuse", "downsample"):
+            raise ValueError(f"too_large must be 'refuse' or 'downsample', got {self.too_large!r}")
+
+
 @dataclass(frozen=True)
 class Meta:
-    """What a report needs to know about where an image came from."""
+    """What a report needs to know about where an image came from.
+
+    The last three fields explain choices the loader made, in one line each (None: nothing to say), so that
+    result.json and the report can show them.
+    """
 
     patient_id: str | None = None
     patient_name: str | None = None
@@ -29,6 +54,15 @@ class Meta:
     series_description: str | None = None
     series_uid: str | None = None
     sources: tuple[str, ...] = ()
+    # Where study_date came from: "DICOM StudyDate", "BIDS sidecar AcquisitionDateTime", "BIDS sessions.tsv
+    # acq_time", "BIDS session name", "folder name", "file name", "--baseline-date", ...
+    study_date_source: str | None = None
+    # How the series was picked when the visit's folder held several, e.g. "series 1.2.3 'T1 3D' (MR, 176
+    # slices) of 3 in the folder: the 3D series with the most slices dated on the visit's day".
+    series_choice: str | None = None
+    # Set when the image was larger than [input] max_voxels and averaged down, e.g. "downsampled 4x (block
+    # average) from 10000x10000 to 2500x2500: 300,000,000 values over the limit of 16,777,216".
+    downsampled: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,13 +135,6 @@ def _ext(path: Path) -> str:
     if name.endswith(".nii.gz"):
         return ".nii.gz"
     return Path(name).suffix
-
-
-def _exists(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise InputError(p, "no such file or folder")
-    return p
 
 
 def _str(value) -> str | None:

@@ -1,66 +1,170 @@
-"""NIfTI checks SimpleITK does not make: truncated files, NaN voxels, NIfTI-2."""
+"""NIfTI checks SimpleITK does not make, on nibabel's reading of the header.
+
+SimpleITK reads a NIfTI whatever its header says: spacing NaN or 0 becomes 1.0, a negative
+spacing stays negative, a qform and an sform that place the image differently are resolved
+silently (by code, not by agreement), missing voxels are zero-filled and NaN voxels read as 0.
+Each of those is a silently wrong answer later, so each is an error naming the file:
+
+- nibabel's own header checks (magic, datatype, vox_offset, qform/sform codes);
+- voxel spacing (pixdim, in mm after xyzt_units) NaN, 0, negative or over `MAX_SPACING_MM`;
+- qform and sform both set but placing the image's corners over half a voxel apart;
+- SimpleITK's geometry differing from nibabel's (same corner test), when the header has a qform or sform;
+- voxel data shorter than the header says, and float voxels that are NaN or infinite;
+- NIfTI-2 (SimpleITK reads NIfTI-1 only).
+"""
 
 from __future__ import annotations
 
+import gzip
+import zlib
 from pathlib import Path
 
+import nibabel as nib
+import nibabel.openers
 import numpy as np
 
 from ..errors import InputError
+from .native import library_messages
 
-def nifti_version(path: Path) -> int | None:
-    import gzip
+MAX_SPACING_MM = 50.0  # no scanner makes voxels this large: such a pixdim is corrupt
+_UNIT_MM = {"mm": 1.0, "meter": 1000.0, "micron": 0.001, "unknown": 1.0}  # as ITK converts xyzt_units
+# nibabel findings that do not change what the image means (or that the spacing check below states better).
+_HARMLESS = ("not divisible by 16", "bitpix does not match", "qfac", "pixdim[1,2,3]")
+_CHUNK = 1 << 24  # bytes read at a time when checking voxels: a multiple of every item size
 
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+
+def load_header(path: Path) -> nib.Nifti1Image:
+    """nibabel's view of the file (header only: the voxels stay on disk); NIfTI-2 and broken headers refused."""
     try:
-        with opener(path, "rb") as fh:
-            head = fh.read(4)
-    except OSError:
-        return None
-    if len(head) < 4:
-        return None
-    size = min(int.from_bytes(head, "little"), int.from_bytes(head, "big"))
-    return 2 if size == 540 else 1 if size == 348 else None
+        with library_messages(f"reading {path}"):
+            img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types on corrupt headers
+        raise InputError(path, f"NIfTI header cannot be read ({type(exc).__name__}: {str(exc)[:120]})") from exc
+    if isinstance(img, nib.Nifti2Image):
+        raise InputError(path, "NIfTI-2 files are not supported (SimpleITK reads NIfTI-1); convert with nibabel: "
+                               "nib.Nifti1Image(img.dataobj, img.affine)")
+    if not isinstance(img, nib.Nifti1Image):
+        raise InputError(path, f"not a single-file NIfTI-1 image (nibabel reads it as {type(img).__name__})")
+    return img
 
 
-def check_nifti_complete(path: Path) -> None:
-    """Refuse a cut NIfTI and float voxels that are NaN or infinite.
+def spacing_mm(img: nib.Nifti1Image) -> tuple[float, ...]:
+    """The voxel spacing of the spatial axes as SimpleITK will read it (pixdim times the unit)."""
+    hdr = img.header
+    n = int(min(max(int(hdr["dim"][0]), 1), 3))
+    unit = _UNIT_MM.get(hdr.get_xyzt_units()[0], 1.0)
+    return tuple(float(v) * unit for v in hdr["pixdim"][1:1 + n])
 
-    SimpleITK zero-fills missing voxels and reads NaN as 0 without a word (checked on .nii and .nii.gz),
-    which would turn a broken file into a silently wrong answer.
-    """
-    import gzip
-    import struct
-    import zlib
 
+def check_header(path: Path, img: nib.Nifti1Image) -> None:
+    """Refuse headers whose geometry or layout cannot be trusted (see the module docstring)."""
+    try:  # the header as stored: nibabel's loaded copy has vox_offset reset
+        with nib.openers.ImageOpener(str(path)) as fh, library_messages(f"reading {path}"):
+            hdr = type(img.header).from_fileobj(fh, check=False)
+    except Exception as exc:
+        raise InputError(path, f"NIfTI header cannot be read ({type(exc).__name__}: {str(exc)[:120]})") from exc
+    problems = [p for p in type(hdr).diagnose_binaryblock(hdr.binaryblock).splitlines()
+                if p and not any(h in p for h in _HARMLESS)]
+    if problems:
+        raise InputError(path, f"NIfTI header is corrupt: {'; '.join(problems)}")
+    spacing = spacing_mm(img)
+    for axis, s in zip("xyz", spacing):
+        if not np.isfinite(s) or s <= 0 or s > MAX_SPACING_MM:
+            what = "not a number" if not np.isfinite(s) else "not positive" if s <= 0 else f"over {MAX_SPACING_MM:g} mm"
+            raise InputError(path, f"voxel spacing along {axis} (pixdim) is {s:g} mm, {what}: the header is corrupt")
+    qcode, scode = int(hdr["qform_code"]), int(hdr["sform_code"])
+    try:
+        qform, sform = hdr.get_qform(), hdr.get_sform()
+    except Exception as exc:
+        raise InputError(path, f"NIfTI qform/sform cannot be read ({type(exc).__name__})") from exc
+    for name, code, affine in (("qform", qcode, qform), ("sform", scode, sform)):
+        if code > 0 and not np.all(np.isfinite(affine)):
+            raise InputError(path, f"NIfTI {name} holds values that are not numbers: the header is corrupt")
+    if qcode > 0 and scode > 0:
+        apart = corner_distance(qform, sform, img.shape)
+        if apart > tolerance_mm(spacing):
+            raise InputError(path, f"NIfTI qform and sform disagree: they place the image's corners up to {apart:.2f} mm "
+                                   "apart, so its position is ambiguous; make them agree (nibabel: "
+                                   "img.set_qform(img.get_sform()))")
+
+
+def check_itk_geometry(path: Path, img: nib.Nifti1Image, spacing: tuple[float, ...], origin: tuple[float, ...],
+                       direction: tuple[float, ...]) -> None:
+    """Refuse when SimpleITK's reading of the geometry (LPS) differs from nibabel's (RAS)."""
+    hdr = img.header
+    if int(hdr["qform_code"]) == 0 and int(hdr["sform_code"]) == 0:
+        return  # no orientation at all: both fall back to pixdim, in their own conventions
+    n = len(spacing)
+    lps = np.eye(4)
+    d = np.eye(3)
+    d[:n, :n] = np.asarray(direction, float).reshape(n, n)
+    s = np.ones(3)
+    s[:n] = spacing
+    t = np.zeros(3)
+    t[:n] = origin
+    lps[:3, :3] = d @ np.diag(s)
+    lps[:3, 3] = t
+    itk_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    apart = corner_distance(itk_ras, img.affine, img.shape)
+    if not apart <= tolerance_mm(spacing_mm(img)):
+        raise InputError(path, f"SimpleITK and nibabel read different geometry from this NIfTI header (corners up to "
+                               f"{apart:.2f} mm apart: a sheared or inconsistent qform/sform?); fix the header")
+
+
+def tolerance_mm(spacing: tuple[float, ...]) -> float:
+    return max(0.5 * min(spacing), 0.1)
+
+
+def corner_distance(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> float:
+    """Largest distance (mm) between where affines `a` and `b` put the corners of a voxel grid of `shape`."""
+    extent = [max(int(v) - 1, 0) for v in (tuple(shape) + (1, 1, 1))[:3]]
+    corners = np.array([[i, j, k, 1.0] for i in (0, extent[0]) for j in (0, extent[1]) for k in (0, extent[2])]).T
+    with np.errstate(all="ignore"):
+        return float(np.max(np.linalg.norm((a @ corners - b @ corners)[:3], axis=0)))
+
+
+def check_voxels_stored(path: Path, img: nib.Nifti1Image, finite: bool = True) -> None:
+    """Refuse a cut file and (with `finite`) float voxels that are NaN or infinite, reading the data in chunks."""
+    offset = int(img.dataobj.offset)
+    dtype = img.get_data_dtype()
+    count = int(np.prod([max(int(d), 1) for d in img.shape], dtype=np.int64))
+    needed = offset + count * dtype.itemsize
+    floats = finite and dtype.kind == "f"
     gz = path.name.lower().endswith(".gz")
+    have, bad = 0, 0
     try:
         with (gzip.open if gz else open)(path, "rb") as fh:
-            content = fh.read()
+            head = fh.read(offset)
+            have = len(head)
+            carry = b""
+            while have < needed:
+                chunk = fh.read(min(_CHUNK, needed - have))
+                if not chunk:
+                    break
+                have += len(chunk)
+                if floats:
+                    data = carry + chunk
+                    usable = len(data) - len(data) % dtype.itemsize
+                    values = np.frombuffer(data[:usable], dtype=dtype)
+                    bad += int(np.count_nonzero(~np.isfinite(values)))
+                    carry = data[usable:]
+            while gz and fh.read(_CHUNK):  # to the end: the gzip checksum is verified there
+                pass
     except (EOFError, OSError, zlib.error) as exc:
-        raise InputError(path, f"compressed NIfTI is truncated or corrupt ({exc})") from exc
-    hdr = content[:348]
-    if len(hdr) < 348:
-        raise InputError(path, f"NIfTI header is truncated ({len(hdr)} of 348 bytes)")
-    for order in "<>":
-        if struct.unpack(order + "i", hdr[:4])[0] == 348:
-            break
-    else:
-        return  # NIfTI-2 or not NIfTI: the reader gives the error
-    dims = struct.unpack(order + "8h", hdr[40:56])
-    datatype, bitpix = struct.unpack(order + "2h", hdr[70:74])
-    vox_offset = int(struct.unpack(order + "f", hdr[108:112])[0])
-    if not 1 <= dims[0] <= 7 or bitpix <= 0:
-        raise InputError(path, f"NIfTI header is corrupt (dim[0]={dims[0]}, bitpix={bitpix})")
-    count = int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]], dtype=np.int64))
-    needed = vox_offset + count * bitpix // 8
-    if len(content) < needed:
-        raise InputError(path, f"NIfTI file is truncated: {len(content)} bytes of voxel data and header, expected {needed}")
-    floats = {16: "f4", 64: "f8"}  # NIfTI datatype codes FLOAT32, FLOAT64
-    if datatype in floats:
-        voxels = np.frombuffer(content, dtype=order + floats[datatype], count=count, offset=vox_offset)
-        bad = int(np.count_nonzero(~np.isfinite(voxels)))
-        if bad:
-            raise InputError(path, f"image holds {bad} NaN or infinite voxel(s) of {count}")
+        if gz:
+            raise InputError(path, f"compressed NIfTI is truncated or corrupt ({exc})") from exc
+        raise InputError(path, f"NIfTI file cannot be read ({exc})") from exc
+    if have < needed:
+        raise InputError(path, f"NIfTI file is truncated: {have} bytes of voxel data and header, expected {needed}")
+    if bad:
+        raise InputError(path, f"image holds {bad} NaN or infinite voxel(s) of {count}")
 
 
+def check_written(path: Path, expected_shape: tuple[int, ...]) -> None:
+    """A NIfTI just written holds a readable header with `expected_shape` and every voxel byte.
+
+    niftilib reports a short write (a full disk) on stderr only and returns normally."""
+    img = load_header(path)
+    if tuple(int(v) for v in img.shape[:len(expected_shape)]) != tuple(expected_shape):
+        raise InputError(path, f"written NIfTI header says {img.shape}, expected {expected_shape}")
+    check_voxels_stored(path, img, finite=False)
