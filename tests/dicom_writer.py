@@ -97,3 +97,23 @@ def write_dicom_series(
         ds.PixelData = raw[k].tobytes()
         written.append(atomic_write(folder / names[k], lambda tmp: ds.save_as(tmp, enforce_file_format=True)))
     return sorted(written)
+
+
+def set_raw_value(path: Path, keyword: str, value: bytes) -> None:
+    """Rewrite one top-level element's value bytes in an explicit-VR little-endian file, as a corrupt file would
+    hold them (pydicom would validate or convert a value set through its API)."""
+    import struct
+
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    key = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    data = bytearray(Path(path).read_bytes())
+    pixels = data.find(struct.pack("<HH", 0x7FE0, 0x0010))
+    i = data.find(key, 132)
+    assert 0 < i < pixels, f"{keyword} not found before the pixel data"
+    old = struct.unpack("<H", data[i + 6:i + 8])[0]
+    if len(value) % 2:
+        value += b"\0" if data[i + 4:i + 6] in (b"UI", b"OB") else b" "
+    data[i + 6:i + 8 + old] = struct.pack("<H", len(value)) + value
+    Path(path).write_bytes(bytes(data))

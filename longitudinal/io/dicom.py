@@ -753,7 +753,11 @@ def _check_values(path: Path, values: np.ndarray, allowed: PixelRange | None) ->
 
 
 def _check_stored_bits(path: Path, allowed: PixelRange) -> None:
-    """In an uncompressed file, bits above BitsStored must be zero (or, signed, a sign extension)."""
+    """In an uncompressed file, bits above BitsStored must be zero (unsigned) or copies of the sign bit (signed).
+
+    Compressed pixel data is checked after decoding only: GDCM and pydicom mask the bits above BitsStored, so
+    corruption there shows as a decoding error or not at all.
+    """
     if allowed.bits_stored >= allowed.bits_allocated or allowed.bits_allocated not in (8, 16, 32):
         return
     try:
@@ -767,10 +771,10 @@ def _check_stored_bits(path: Path, allowed: PixelRange) -> None:
         return
     dtype = np.dtype(f"{'<' if syntax.is_little_endian else '>'}u{allowed.bits_allocated // 8}")
     raw = np.frombuffer(data[:len(data) - len(data) % dtype.itemsize], dtype=dtype)
-    above = raw >> allowed.bits_stored
+    above = raw >> (allowed.bits_stored - 1 if allowed.signed else allowed.bits_stored)
     ok = above == 0
-    if allowed.signed:
-        ok |= above == (1 << (allowed.bits_allocated - allowed.bits_stored)) - 1
+    if allowed.signed:  # the bits above must repeat the sign bit: anything else decodes to a different value
+        ok |= above == (1 << (allowed.bits_allocated - allowed.bits_stored + 1)) - 1
     bad = int(np.count_nonzero(~ok))
     if bad:
         worst = int(raw[~ok].max())

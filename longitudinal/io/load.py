@@ -66,7 +66,7 @@ class _Header:
     size: tuple[int, ...]  # spatial, after dropping a picture's single z slice
     spacing: tuple[float, ...]
     components: int  # after dropping alpha
-    nifti: object | None  # nibabel's image (header only) for NIfTI files
+    nifti: nifti.Header | None  # for NIfTI files, the header as nibabel reads it
 
 
 def _header(path: Path, kind: str) -> _Header:
@@ -126,7 +126,7 @@ def _itk_image(path: Path, kind: str, settings: InputSettings) -> Image:
     head = _header(path, kind)
     factor = _shrink_factor(path, head.size, head.components, settings)
     if head.nifti is not None:
-        nifti.check_voxels_stored(path, head.nifti)  # type: ignore[arg-type]
+        nifti.check_voxels_stored(path, head.nifti)
     if _ext(path) in (".jpg", ".jpeg"):
         check_jpeg_complete(path)
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -33,65 +34,93 @@ _HARMLESS = ("not divisible by 16", "bitpix does not match", "qfac", "pixdim[1,2
 _CHUNK = 1 << 24  # bytes read at a time when checking voxels: a multiple of every item size
 
 
-def load_header(path: Path) -> nib.Nifti1Image:
-    """nibabel's view of the file (header only: the voxels stay on disk); NIfTI-2 and broken headers refused."""
+@dataclass(frozen=True)
+class Header:
+    """A NIfTI-1 header as stored in the file (nibabel's reader, without its automatic fixes)."""
+
+    raw: nib.Nifti1Header
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(v) for v in self.raw.get_data_shape())
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.raw.get_data_dtype()
+
+    @property
+    def offset(self) -> int:
+        return max(int(self.raw["vox_offset"]), 352)  # a single-file NIfTI-1's voxels start at 352 or later
+
+    @property
+    def affine(self) -> np.ndarray:
+        return self.raw.get_best_affine()
+
+
+def load_header(path: Path) -> Header:
+    """The header of a single-file NIfTI-1 (the voxels stay on disk); NIfTI-2 and unreadable headers refused.
+
+    Read with check=False: nibabel's loader would quietly "fix" what the checks below must see (a zero
+    pixdim becomes 1) and print its findings on stderr.
+    """
     try:
-        with library_messages(f"reading {path}"):
-            img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises several types on corrupt headers
+        with nib.openers.ImageOpener(str(path)) as fh, library_messages(f"reading {path}"):
+            head = fh.read(4)
+            if len(head) == 4 and 540 in (int.from_bytes(head, "little"), int.from_bytes(head, "big")):
+                raise InputError(path, "NIfTI-2 files are not supported (SimpleITK reads NIfTI-1); convert with "
+                                       "nibabel: nib.Nifti1Image(img.dataobj, img.affine)")
+            fh.seek(0)
+            raw = nib.Nifti1Header.from_fileobj(fh, check=False)
+    except InputError:
+        raise
+    except Exception as exc:  # nibabel and gzip raise several types on corrupt headers
         raise InputError(path, f"NIfTI header cannot be read ({type(exc).__name__}: {str(exc)[:120]})") from exc
-    if isinstance(img, nib.Nifti2Image):
-        raise InputError(path, "NIfTI-2 files are not supported (SimpleITK reads NIfTI-1); convert with nibabel: "
-                               "nib.Nifti1Image(img.dataobj, img.affine)")
-    if not isinstance(img, nib.Nifti1Image):
-        raise InputError(path, f"not a single-file NIfTI-1 image (nibabel reads it as {type(img).__name__})")
-    return img
+    if raw["magic"].item() == b"ni1":
+        raise InputError(path, "NIfTI header says its voxels are in a separate .img file; convert it to a single .nii")
+    return Header(raw)
 
 
-def spacing_mm(img: nib.Nifti1Image) -> tuple[float, ...]:
+def spacing_mm(header: Header) -> tuple[float, ...]:
     """The voxel spacing of the spatial axes as SimpleITK will read it (pixdim times the unit)."""
-    hdr = img.header
+    hdr = header.raw
     n = int(min(max(int(hdr["dim"][0]), 1), 3))
     unit = _UNIT_MM.get(hdr.get_xyzt_units()[0], 1.0)
     return tuple(float(v) * unit for v in hdr["pixdim"][1:1 + n])
 
 
-def check_header(path: Path, img: nib.Nifti1Image) -> None:
+def check_header(path: Path, header: Header) -> None:
     """Refuse headers whose geometry or layout cannot be trusted (see the module docstring)."""
-    try:  # the header as stored: nibabel's loaded copy has vox_offset reset
-        with nib.openers.ImageOpener(str(path)) as fh, library_messages(f"reading {path}"):
-            hdr = type(img.header).from_fileobj(fh, check=False)
-    except Exception as exc:
-        raise InputError(path, f"NIfTI header cannot be read ({type(exc).__name__}: {str(exc)[:120]})") from exc
+    hdr = header.raw
     problems = [p for p in type(hdr).diagnose_binaryblock(hdr.binaryblock).splitlines()
                 if p and not any(h in p for h in _HARMLESS)]
     if problems:
         raise InputError(path, f"NIfTI header is corrupt: {'; '.join(problems)}")
-    spacing = spacing_mm(img)
+    spacing = spacing_mm(header)
     for axis, s in zip("xyz", spacing):
         if not np.isfinite(s) or s <= 0 or s > MAX_SPACING_MM:
             what = "not a number" if not np.isfinite(s) else "not positive" if s <= 0 else f"over {MAX_SPACING_MM:g} mm"
             raise InputError(path, f"voxel spacing along {axis} (pixdim) is {s:g} mm, {what}: the header is corrupt")
     qcode, scode = int(hdr["qform_code"]), int(hdr["sform_code"])
     try:
-        qform, sform = hdr.get_qform(), hdr.get_sform()
+        with library_messages(f"reading {path}"):
+            qform, sform = hdr.get_qform(), hdr.get_sform()
     except Exception as exc:
         raise InputError(path, f"NIfTI qform/sform cannot be read ({type(exc).__name__})") from exc
     for name, code, affine in (("qform", qcode, qform), ("sform", scode, sform)):
         if code > 0 and not np.all(np.isfinite(affine)):
             raise InputError(path, f"NIfTI {name} holds values that are not numbers: the header is corrupt")
     if qcode > 0 and scode > 0:
-        apart = corner_distance(qform, sform, img.shape)
+        apart = corner_distance(qform, sform, header.shape)
         if apart > tolerance_mm(spacing):
             raise InputError(path, f"NIfTI qform and sform disagree: they place the image's corners up to {apart:.2f} mm "
                                    "apart, so its position is ambiguous; make them agree (nibabel: "
                                    "img.set_qform(img.get_sform()))")
 
 
-def check_itk_geometry(path: Path, img: nib.Nifti1Image, spacing: tuple[float, ...], origin: tuple[float, ...],
+def check_itk_geometry(path: Path, header: Header, spacing: tuple[float, ...], origin: tuple[float, ...],
                        direction: tuple[float, ...]) -> None:
     """Refuse when SimpleITK's reading of the geometry (LPS) differs from nibabel's (RAS)."""
-    hdr = img.header
+    hdr = header.raw
     if int(hdr["qform_code"]) == 0 and int(hdr["sform_code"]) == 0:
         return  # no orientation at all: both fall back to pixdim, in their own conventions
     n = len(spacing)
@@ -105,8 +134,13 @@ def check_itk_geometry(path: Path, img: nib.Nifti1Image, spacing: tuple[float, .
     lps[:3, :3] = d @ np.diag(s)
     lps[:3, 3] = t
     itk_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-    apart = corner_distance(itk_ras, img.affine, img.shape)
-    if not apart <= tolerance_mm(spacing_mm(img)):
+    try:
+        with library_messages(f"reading {path}"):
+            best = header.affine
+    except Exception as exc:
+        raise InputError(path, f"NIfTI qform/sform cannot be read ({type(exc).__name__})") from exc
+    apart = corner_distance(itk_ras, best, header.shape)
+    if not apart <= tolerance_mm(spacing_mm(header)):
         raise InputError(path, f"SimpleITK and nibabel read different geometry from this NIfTI header (corners up to "
                                f"{apart:.2f} mm apart: a sheared or inconsistent qform/sform?); fix the header")
 
@@ -123,11 +157,10 @@ def corner_distance(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> flo
         return float(np.max(np.linalg.norm((a @ corners - b @ corners)[:3], axis=0)))
 
 
-def check_voxels_stored(path: Path, img: nib.Nifti1Image, finite: bool = True) -> None:
+def check_voxels_stored(path: Path, header: Header, finite: bool = True) -> None:
     """Refuse a cut file and (with `finite`) float voxels that are NaN or infinite, reading the data in chunks."""
-    offset = int(img.dataobj.offset)
-    dtype = img.get_data_dtype()
-    count = int(np.prod([max(int(d), 1) for d in img.shape], dtype=np.int64))
+    offset, dtype = header.offset, header.dtype
+    count = int(np.prod([max(int(d), 1) for d in header.shape], dtype=np.int64))
     needed = offset + count * dtype.itemsize
     floats = finite and dtype.kind == "f"
     gz = path.name.lower().endswith(".gz")
@@ -164,7 +197,7 @@ def check_written(path: Path, expected_shape: tuple[int, ...]) -> None:
     """A NIfTI just written holds a readable header with `expected_shape` and every voxel byte.
 
     niftilib reports a short write (a full disk) on stderr only and returns normally."""
-    img = load_header(path)
-    if tuple(int(v) for v in img.shape[:len(expected_shape)]) != tuple(expected_shape):
-        raise InputError(path, f"written NIfTI header says {img.shape}, expected {expected_shape}")
-    check_voxels_stored(path, img, finite=False)
+    header = load_header(path)
+    if header.shape[:len(expected_shape)] != tuple(expected_shape):
+        raise InputError(path, f"written NIfTI header says {header.shape}, expected {expected_shape}")
+    check_voxels_stored(path, header, finite=False)
