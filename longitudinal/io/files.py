@@ -75,7 +75,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: in
     tmp = _temp_path(path)
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     try:
-        write(str(tmp))
+        try:
+            write(str(tmp))
+        except WriteError:
+            raise
+        except OSError as exc:  # a full disk, a quota, an I/O error: one line naming the target
+            raise WriteError(path, exc.strerror or str(exc)) from exc
         _verify(path, tmp, expected_size, verify)
         os.chmod(tmp, _default_mode() if mode is None else mode)
         os.replace(tmp, path)

@@ -31,6 +31,10 @@ from .provenance import context
 
 log = logging.getLogger(__name__)
 
+# What ITK's writers say when the disk, not the image, is the problem.
+_DISK_TROUBLE = ("No space left", "quota", "Input/output error", "Permission denied", "Read-only file system",
+                 "File too large")
+
 
 def _kind(path: Path) -> str:
     ext = _ext(path)
@@ -264,6 +268,8 @@ def save_image(image: Image, path: str | os.PathLike) -> Path:
                 sitk.WriteImage(image.itk, tmp, useCompression=ext in (".nrrd", ".mha"))
         except RuntimeError as exc:
             reason = (str(exc).strip().splitlines() or [""])[-1]
+            if any(s in str(exc) for s in _DISK_TROUBLE):
+                raise WriteError(path, reason[:200]) from exc
             raise ValueError(f"{path}: SimpleITK cannot write this {image.itk.GetPixelIDTypeAsString()} "
                              f"image as '{ext}': {reason[:200]}") from exc
         errors = [m for m in messages if "ERROR" in m]
