@@ -218,6 +218,11 @@ def choose_series(series: Sequence[SeriesInfo], settings: TimelineSettings, wher
     other_uids = frozenset().union(*(o.series_uids for o in others)) if others else frozenset()
     narrow([s for s in usable if s.uid not in other_uids], "not also in another visit's folder")
     best = max(usable, key=lambda s: (len(s.size), s.n_slices, s.study_time or "", s.uid))
+    folders = {f.parent for f in best.files}
+    for s in series:  # a corrupt file may have split off the chosen series (a damaged SeriesInstanceUID)
+        if s.corrupt and s.problem_path is not None and (s.problem_path.parent in folders
+                                                         or any(f.parent in folders for f in s.files)):
+            raise InputError(s.problem_path, f"{s.problem}; it sits with the series this visit would use")
     if len(series) == 1:
         return best, None
     steps.append("then the 3D series with the most slices")

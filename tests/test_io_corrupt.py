@@ -245,3 +245,11 @@ def test_corrupt_nifti_magic_is_an_error_from_nibabels_checks(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(InputError, match="v.nii: "):
         load_image(path)
+
+
+def test_colour_rle_over_8_bits_decodes_as_pydicom_does(pydicom_file):
+    """GDCM swaps the bytes of 16- and 32-bit colour RLE (found by tests/fuzz.py: its pydicom fallback disagreed)."""
+    for name in ("SC_rgb_rle_16bit.dcm", "SC_rgb_rle_32bit.dcm"):
+        img = load_image(pydicom_file(name))
+        np.testing.assert_array_equal(img.array, pydicom.dcmread(pydicom_file(name)).pixel_array)
+        assert tuple(img.array[0, 0]) == (np.iinfo(img.array.dtype).max, 0, 0)  # the first pixel is pure red

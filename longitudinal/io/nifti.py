@@ -9,7 +9,7 @@ Each of those is a silently wrong answer later, so each is an error naming the f
 - voxel spacing (pixdim, in mm after xyzt_units) NaN, 0, negative or over `MAX_SPACING_MM`;
 - qform and sform both set but placing the image's corners over half a voxel apart;
 - SimpleITK's geometry differing from nibabel's (same corner test), when the header has a qform or sform;
-- voxel data shorter than the header says, and float voxels that are NaN or infinite;
+- voxel data shorter or longer than the header says, and float voxels that are NaN or infinite;
 - NIfTI-2 (SimpleITK reads NIfTI-1 only).
 """
 
@@ -28,10 +28,14 @@ from ..errors import InputError
 from .native import library_messages
 
 MAX_SPACING_MM = 50.0  # no scanner makes voxels this large: such a pixdim is corrupt
-_UNIT_MM = {"mm": 1.0, "meter": 1000.0, "micron": 0.001, "unknown": 1.0}  # as ITK converts xyzt_units
 # nibabel findings that do not change what the image means (or that the spacing check below states better).
 _HARMLESS = ("not divisible by 16", "bitpix does not match", "qfac", "pixdim[1,2,3]")
+_MAX_OFFSET = 1 << 30  # header and extensions: a larger vox_offset is a corrupt header
 _CHUNK = 1 << 24  # bytes read at a time when checking voxels: a multiple of every item size
+
+
+class UnitError(ValueError):
+    """xyzt_units holds a spatial unit code NIfTI does not define."""
 
 
 @dataclass(frozen=True)
@@ -84,18 +88,32 @@ def spacing_mm(header: Header) -> tuple[float, ...]:
     """The voxel spacing of the spatial axes as SimpleITK will read it (pixdim times the unit)."""
     hdr = header.raw
     n = int(min(max(int(hdr["dim"][0]), 1), 3))
-    unit = _UNIT_MM.get(hdr.get_xyzt_units()[0], 1.0)
+    code = int(hdr["xyzt_units"]) & 0x07  # the spatial unit: the low three bits
+    unit = {0: 1.0, 1: 1000.0, 2: 1.0, 3: 0.001}.get(code)  # unknown, meter, mm, micron: as ITK converts
+    if unit is None:
+        raise UnitError(code)
     return tuple(float(v) * unit for v in hdr["pixdim"][1:1 + n])
 
 
 def check_header(path: Path, header: Header) -> None:
     """Refuse headers whose geometry or layout cannot be trusted (see the module docstring)."""
     hdr = header.raw
-    problems = [p for p in type(hdr).diagnose_binaryblock(hdr.binaryblock).splitlines()
-                if p and not any(h in p for h in _HARMLESS)]
+    offset = float(hdr["vox_offset"])  # first: nibabel's own check cannot format an infinite offset
+    if not np.isfinite(offset) or offset < 0 or offset != int(offset) or offset > _MAX_OFFSET:
+        raise InputError(path, f"NIfTI vox_offset is {offset:g}, not a plausible byte offset: the header is corrupt")
+    try:
+        with library_messages(f"checking {path}"):
+            found = type(hdr).diagnose_binaryblock(hdr.binaryblock)
+    except Exception as exc:  # nibabel's checks themselves can fail on absurd values
+        raise InputError(path, f"NIfTI header is corrupt ({type(exc).__name__}: {str(exc)[:80]})") from exc
+    problems = [p for p in found.splitlines() if p and not any(h in p for h in _HARMLESS)]
     if problems:
         raise InputError(path, f"NIfTI header is corrupt: {'; '.join(problems)}")
-    spacing = spacing_mm(header)
+    try:
+        spacing = spacing_mm(header)
+    except UnitError as exc:
+        raise InputError(path, f"NIfTI xyzt_units has spatial unit code {exc}, which NIfTI does not define: the "
+                               "header is corrupt") from None
     for axis, s in zip("xyz", spacing):
         if not np.isfinite(s) or s <= 0 or s > MAX_SPACING_MM:
             what = "not a number" if not np.isfinite(s) else "not positive" if s <= 0 else f"over {MAX_SPACING_MM:g} mm"
@@ -140,7 +158,7 @@ def check_itk_geometry(path: Path, header: Header, spacing: tuple[float, ...], o
     except Exception as exc:
         raise InputError(path, f"NIfTI qform/sform cannot be read ({type(exc).__name__})") from exc
     apart = corner_distance(itk_ras, best, header.shape)
-    if not apart <= tolerance_mm(spacing_mm(header)):
+    if not apart <= tolerance_mm(spacing):
         raise InputError(path, f"SimpleITK and nibabel read different geometry from this NIfTI header (corners up to "
                                f"{apart:.2f} mm apart: a sheared or inconsistent qform/sform?); fix the header")
 
@@ -164,11 +182,11 @@ def check_voxels_stored(path: Path, header: Header, finite: bool = True) -> None
     needed = offset + count * dtype.itemsize
     floats = finite and dtype.kind == "f"
     gz = path.name.lower().endswith(".gz")
-    have, bad = 0, 0
+    have, bad, extra = 0, 0, 0
     try:
         with (gzip.open if gz else open)(path, "rb") as fh:
-            head = fh.read(offset)
-            have = len(head)
+            while have < offset and (chunk := fh.read(min(_CHUNK, offset - have))):
+                have += len(chunk)
             carry = b""
             while have < needed:
                 chunk = fh.read(min(_CHUNK, needed - have))
@@ -181,14 +199,18 @@ def check_voxels_stored(path: Path, header: Header, finite: bool = True) -> None
                     values = np.frombuffer(data[:usable], dtype=dtype)
                     bad += int(np.count_nonzero(~np.isfinite(values)))
                     carry = data[usable:]
-            while gz and fh.read(_CHUNK):  # to the end: the gzip checksum is verified there
-                pass
+            extra = 0
+            while chunk := fh.read(_CHUNK):  # to the end: the gzip checksum is verified there
+                extra += len(chunk)
     except (EOFError, OSError, zlib.error) as exc:
         if gz:
             raise InputError(path, f"compressed NIfTI is truncated or corrupt ({exc})") from exc
         raise InputError(path, f"NIfTI file cannot be read ({exc})") from exc
     if have < needed:
         raise InputError(path, f"NIfTI file is truncated: {have} bytes of voxel data and header, expected {needed}")
+    if extra:  # inserted bytes shift the voxels and leave the file long: nothing else would notice
+        raise InputError(path, f"NIfTI file holds {extra} byte(s) more than its header describes ({needed}): file "
+                               "corrupt")
     if bad:
         raise InputError(path, f"image holds {bad} NaN or infinite voxel(s) of {count}")
 
