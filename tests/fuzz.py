@@ -124,8 +124,21 @@ def make_seeds(work: Path) -> list[Seed]:
     plain = work / "seeds" / "t1.nii"
     plain.write_bytes(gzip.decompress(seeds[-1].path.read_bytes()))
     seeds.append(Seed("easy (uncompressed .nii)", "nifti", plain, seeds[-1].partner))
+    seeds = [s for s in seeds if _loads(s.path)]  # e.g. an edge slice that is all zeros is refused as constant
     seeds.extend(_pydicom_seeds())
     return seeds
+
+
+def _loads(path: Path) -> bool:
+    from longitudinal.io import load_image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            load_image(path)
+    except Exception:
+        return False
+    return True
 
 
 def _pydicom_seeds() -> list[Seed]:
@@ -270,8 +283,8 @@ def _well_formed(vr: str, value: object) -> bool:
     from pydicom import config
     from pydicom.valuerep import validate_value
 
-    if isinstance(value, int):
-        return True
+    if isinstance(value, int) or str(value).strip(" \0") == "":
+        return True  # an empty value is allowed for most elements (type 2 and 3)
     try:
         for part in str(value).split("\\"):  # validate_value takes one value at a time
             validate_value(vr, part, config.RAISE)
@@ -457,7 +470,7 @@ def _worker(conn) -> None:
                 continue
             if name == "load":
                 if reference not in references:
-                    references[reference] = load_image(reference)
+                    references[reference] = load_image(reference)  # seeds are chosen to load
                 result["changed"] = _difference(references[reference], image)
         conn.send(result)
 
@@ -500,8 +513,8 @@ class Loader:
         if self.conn.poll(self.timeout):
             try:
                 return self.conn.recv()
-            except EOFError:
-                pass
+            except EOFError:  # the worker died: a crash
+                self.proc.join(10)
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join()
@@ -543,7 +556,7 @@ def judge(index: int, seed: Seed, mutation: Mutation, case: Path, result: dict) 
     outcomes = {result.get("describe"), result.get("load")}
     if "traceback" in outcomes:
         out.outcome, out.classes = "traceback", ["traceback"]
-        out.detail = str(result.get("load_message") or result.get("describe_message"))
+        out.detail = f"{result.get('load_message') or result.get('describe_message')} | {result.get('traceback')}"
         return out
     for name in ("describe", "load"):
         message = result.get(f"{name}_message")

@@ -99,6 +99,7 @@ class PixelLayout:
 
     subsampled: bool = False  # YBR_FULL_422: two samples' worth of data per pixel
     rle: bool = False  # RLE Lossless transfer syntax
+    big_endian: bool = False  # Explicit VR Big Endian (retired)
 
     @property
     def native_bytes(self) -> int | None:
@@ -186,12 +187,20 @@ def _tag_name(keyword: str) -> str:
     return f"{keyword} {Tag(tag)}" if tag is not None else keyword
 
 
-def _raw_text(ds: pydicom.Dataset, keyword: str) -> str | None:
-    """The text of a DS/IS element as stored in the file (before pydicom converts it); None: absent or empty."""
+def _raw_value(path: Path, ds: pydicom.Dataset, keyword: str) -> object:
+    """The stored value of an element (bytes until pydicom converts it); None when absent."""
     tag = tag_for_keyword(keyword)
     if tag is None or tag not in ds:
         return None
-    value = ds.get_item(tag).value
+    try:
+        return ds.get_item(tag).value
+    except Exception as exc:  # pydicom converts some raw elements here, and can fail (an unknown VR)
+        raise InputError(path, f"malformed {_tag_name(keyword)}: {type(exc).__name__}") from exc
+
+
+def _raw_text(path: Path, ds: pydicom.Dataset, keyword: str) -> str | None:
+    """The text of a DS/IS element as stored in the file (before pydicom converts it); None: absent or empty."""
+    value = _raw_value(path, ds, keyword)
     if value is None:
         return None
     if isinstance(value, bytes):
@@ -204,21 +213,19 @@ def _raw_text(ds: pydicom.Dataset, keyword: str) -> str | None:
     return text or None
 
 
-def _present(ds: pydicom.Dataset, keyword: str) -> bool:
+def _present(path: Path, ds: pydicom.Dataset, keyword: str) -> bool:
     """Whether an element is there with a value (binary values by their length, text by what is not padding)."""
-    tag = tag_for_keyword(keyword)
-    if tag is None or tag not in ds:
-        return False
-    value = ds.get_item(tag).value
-    if isinstance(value, bytes) and dictionary_VR(tag) in ("US", "SS", "UL", "SL", "FL", "FD", "OB", "OW"):
+    value = _raw_value(path, ds, keyword)
+    if isinstance(value, bytes) and dictionary_VR(tag_for_keyword(keyword)) in ("US", "SS", "UL", "SL", "FL", "FD",
+                                                                                   "OB", "OW"):
         return len(value) > 0
-    return _raw_text(ds, keyword) is not None
+    return value is not None and _raw_text(path, ds, keyword) is not None
 
 
 def _numbers(path: Path, ds: pydicom.Dataset, keyword: str, count: int | None = None,
              integer: bool = False) -> tuple[float, ...] | None:
     """The values of a decimal (DS) or integer (IS) string element, strictly parsed; None when absent."""
-    text = _raw_text(ds, keyword)
+    text = _raw_text(path, ds, keyword)
     if text is None:
         return None
     parts = [p.strip(" \0") for p in text.split("\\")]
@@ -443,7 +450,7 @@ def _pixel_spacing(path: Path, ds: pydicom.Dataset) -> tuple[float, float] | Non
 
 def _rescale(path: Path, ds: pydicom.Dataset) -> tuple[float, float]:
     source = ds
-    if _raw_text(ds, "RescaleSlope") is None and _raw_text(ds, "RescaleIntercept") is None:
+    if _raw_text(path, ds, "RescaleSlope") is None and _raw_text(path, ds, "RescaleIntercept") is None:
         shared = _item(path, ds, "SharedFunctionalGroupsSequence")
         source = _item(path, shared, "PixelValueTransformationSequence") or ds
     slope = _numbers(path, source, "RescaleSlope", count=1)
@@ -488,11 +495,12 @@ def _layout(path: Path, ds: pydicom.Dataset, slope: float, intercept: float, fra
         a, b = slope * lo + intercept, slope * hi + intercept
         value_range = (min(a, b), max(a, b))
     try:
-        rle = ds.file_meta.get("TransferSyntaxUID") == pydicom.uid.RLELossless
+        syntax = ds.file_meta.get("TransferSyntaxUID")
     except AttributeError:
-        rle = False
+        syntax = None
     return PixelLayout(rows, cols, samples or 1, frames, allocated, stored, representation == 1, value_range,
-                       photometric == "YBR_FULL_422", rle)
+                       photometric == "YBR_FULL_422", syntax == pydicom.uid.RLELossless,
+                       syntax == pydicom.uid.ExplicitVRBigEndian)
 
 
 def _check_identity(path: Path, ds: pydicom.Dataset) -> None:
@@ -507,7 +515,7 @@ def _check_identity(path: Path, ds: pydicom.Dataset) -> None:
         if value is not None and not pattern.fullmatch(value):
             raise InputError(path, f"malformed {_tag_name(key)}: {value[:32]!r}")
     if "SOPClassUID" in ds:  # a DICOM 3 image: the Image Pixel module's required attributes
-        missing = [k for k in _REQUIRED if not _present(ds, k)]
+        missing = [k for k in _REQUIRED if not _present(path, ds, k)]
         if missing:
             raise InputError(path, f"image header lacks {', '.join(missing)}: header corrupt")
 
@@ -618,7 +626,8 @@ def _geometry(slices: list[_Slice]) -> _Grid:
     normal = normal / np.linalg.norm(normal)
     order = sorted(range(len(slices)), key=lambda i: float(np.dot(slices[i].ipp, normal)))
     slices = [slices[i] for i in order]
-    folder = Path(os.path.commonpath([str(s.path.parent) for s in slices]))
+    paths = {s.path for s in slices}
+    folder = next(iter(paths)) if len(paths) == 1 else Path(os.path.commonpath([str(p.parent) for p in paths]))
     pos = np.array([np.dot(s.ipp, normal) for s in slices])
     steps = np.diff(pos)
     dup = np.flatnonzero(steps < _STEP_ATOL)
@@ -1121,8 +1130,9 @@ def load_series(info: SeriesInfo) -> Image:
         raise InputError(info.problem_path or info.folder, info.problem)
     for path, layout in zip(info.files, info.pixel_layouts):
         check_pixel_data(path, layout)
-    # GDCM swaps the bytes of colour RLE data over 8 bits (found by tests/fuzz.py): pydicom decodes those.
-    gdcm = not any(layout.rle and layout.samples > 1 and (layout.bits_allocated or 8) > 8
+    # GDCM swaps the bytes of colour RLE over 8 bits and of 32-bit big-endian data (found by tests/fuzz.py, where
+    # its pydicom fallback disagreed): pydicom decodes those.
+    gdcm = not any((layout.rle and layout.samples > 1 or layout.big_endian) and (layout.bits_allocated or 8) > 8
                    for layout in info.pixel_layouts)
     if len(info.size) == 3 and len(info.files) == info.size[2]:
         # One file per slice: ITK's series reader decodes in the order we give it.
