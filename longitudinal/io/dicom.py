@@ -858,7 +858,8 @@ def _decode_file(path: Path, gdcm: bool = True) -> np.ndarray:
             raise InputError(path, f"pixel data is truncated or cannot be decoded ({_transfer_syntax(path)}): "
                                    f"{reason[:200]}") from exc
     if arr.dtype == np.float64:
-        arr = arr.astype(np.float32)
+        with np.errstate(over="ignore"):  # beyond float32: infinite, refused with the count by check_voxels
+            arr = arr.astype(np.float32)
     if not arr.dtype.isnative:  # pydicom leaves big-endian data big-endian; SimpleITK takes native order only
         arr = arr.astype(arr.dtype.newbyteorder("="))
     return np.ascontiguousarray(arr)
@@ -1152,7 +1153,8 @@ def load_series(info: SeriesInfo) -> Image:
         if arr is None:
             arr = np.concatenate([_decode_file(f, gdcm) for f in info.files], axis=0)
             if info.rescale_float:
-                arr = arr.astype(np.float32)
+                with np.errstate(over="ignore"):
+                    arr = arr.astype(np.float32)
         for k, (path, layout) in enumerate(zip(info.files, info.pixel_layouts)):
             _check_values(path, arr[k], layout)
     else:
@@ -1170,7 +1172,8 @@ def load_series(info: SeriesInfo) -> Image:
         else:
             arr = arr[0]
     if arr.dtype == np.float64:
-        arr = arr.astype(np.float32)
+        with np.errstate(over="ignore"):
+            arr = arr.astype(np.float32)
     img = sitk.GetImageFromArray(arr, isVector=info.components > 1)
     img.SetSpacing(info.spacing)
     img.SetOrigin(info.origin)
