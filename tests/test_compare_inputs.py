@@ -10,9 +10,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from conftest import huge_png_header
 from longitudinal import cli
-from longitudinal.errors import WriteError
-from test_io_size import huge_png_header
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_studies"
 CHEAP = """name = "cheap"
@@ -75,6 +74,8 @@ def test_compare_refuses_a_10000_pixel_pair_in_one_line_within_seconds(tmp_path,
 
 
 def test_a_write_that_fails_is_one_line_and_status_1(tmp_path, monkeypatch, capsys):
+    from longitudinal.errors import WriteError
+
     def full_disk(*args, **kwargs):
         raise WriteError(tmp_path / "out" / "report.html", "No space left on device")
 

@@ -228,14 +228,15 @@ def test_qform_and_sform_that_disagree_are_an_error(tmp_path):
         load_image(tmp_path / "two.nii")
 
 
-def test_a_sheared_sform_read_differently_by_itk_and_nibabel_is_an_error(tmp_path):
-    sheared = np.diag([1.5, 1.5, 1.5, 1.0])
-    sheared[0, 1] = 0.3
-    img = nib.Nifti1Image(smooth_volume((8, 9, 10)).astype(np.int16), sheared)
-    img.set_qform(np.diag([1.5, 1.5, 1.5, 1.0]), 0)
-    nib.save(img, tmp_path / "shear.nii.gz")
-    with pytest.raises(InputError, match="shear.nii.gz: "):
-        load_image(tmp_path / "shear.nii.gz")
+def test_an_sform_that_itk_and_nibabel_read_differently_is_an_error(tmp_path):
+    """sform-only header whose scales say 3 mm while pixdim says 1.5 mm: ITK takes pixdim, nibabel the sform."""
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    img = nib.Nifti1Image(smooth_volume((8, 9, 10)).astype(np.int16), affine)
+    img.set_qform(None, 0)
+    img.header["pixdim"][1:4] = 1.5
+    nib.save(img, tmp_path / "scaled.nii.gz")
+    with pytest.raises(InputError, match=r"scaled.nii.gz: SimpleITK and nibabel read different geometry"):
+        load_image(tmp_path / "scaled.nii.gz")
 
 
 def test_corrupt_nifti_magic_is_an_error_from_nibabels_checks(tmp_path):

@@ -15,11 +15,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-import longitudinal.io.load
 from conftest import PYDICOM_DIR, smooth_volume, write_nifti
-from longitudinal.errors import InputError, WriteError
-from longitudinal.io import (TEMP_PREFIX, Image, atomic_write, atomic_write_text, clean_stale_temp, load_image,
-                             save_image)
+from longitudinal.errors import InputError
+from longitudinal.io import Image, atomic_write, atomic_write_text, load_image, save_image
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,6 +30,8 @@ def _image() -> Image:
 
 
 def test_a_write_that_produced_nothing_is_refused_and_the_old_file_kept(tmp_path):
+    from longitudinal.errors import WriteError
+
     target = tmp_path / "result.json"
     target.write_text("old")
     with pytest.raises(WriteError, match=r"result.json: not written: nothing was written \(0 bytes\)"):
@@ -40,6 +40,8 @@ def test_a_write_that_produced_nothing_is_refused_and_the_old_file_kept(tmp_path
 
 
 def test_a_short_text_write_is_refused(tmp_path, monkeypatch):
+    from longitudinal.errors import WriteError
+
     real = Path.write_bytes
     monkeypatch.setattr(Path, "write_bytes", lambda self, data: real(self, data[: len(data) // 2]))
     with pytest.raises(WriteError, match=r"report.html: not written: 6 bytes written, expected 12"):
@@ -48,6 +50,9 @@ def test_a_short_text_write_is_refused(tmp_path, monkeypatch):
 
 
 def test_the_callers_check_decides_before_the_rename(tmp_path):
+    from longitudinal.errors import WriteError
+    from longitudinal.io import TEMP_PREFIX
+
     def refuse(tmp: Path) -> None:
         raise ValueError("checksum mismatch")
 
@@ -62,6 +67,8 @@ def test_the_callers_check_decides_before_the_rename(tmp_path):
 
 @pytest.mark.parametrize("name", ["out.nii", "out.nii.gz"])
 def test_save_image_detects_a_short_nifti_write(tmp_path, monkeypatch, name):
+    from longitudinal.errors import WriteError
+
     real = sitk.WriteImage
 
     def short(image, path, *args, **kwargs):
@@ -69,13 +76,15 @@ def test_save_image_detects_a_short_nifti_write(tmp_path, monkeypatch, name):
         data = Path(path).read_bytes()
         Path(path).write_bytes(data[: len(data) // 3])
 
-    monkeypatch.setattr(longitudinal.io.load.sitk, "WriteImage", short)
+    monkeypatch.setattr(sitk, "WriteImage", short)
     with pytest.raises(WriteError, match=f"{name}: not written: the written file does not read back: .*truncated"):
         save_image(_image(), tmp_path / name)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_save_image_detects_niftilibs_error_on_stderr(tmp_path, monkeypatch):
+    from longitudinal.errors import WriteError
+
     """niftilib prints NWAD on a full disk and returns normally; the written file may even look whole."""
     real = sitk.WriteImage
 
@@ -83,12 +92,14 @@ def test_save_image_detects_niftilibs_error_on_stderr(tmp_path, monkeypatch):
         real(image, path, *args, **kwargs)
         os.write(2, b"** ERROR: NWAD: wrote only 0 of 6289920 bytes to file\n")
 
-    monkeypatch.setattr(longitudinal.io.load.sitk, "WriteImage", nwad)
+    monkeypatch.setattr(sitk, "WriteImage", nwad)
     with pytest.raises(WriteError, match=r"out.nii.gz: not written: \*\* ERROR: NWAD: wrote only 0 of 6289920 bytes"):
         save_image(_image(), tmp_path / "out.nii.gz")
 
 
 def test_save_image_on_a_full_disk(tmp_path):
+    from longitudinal.errors import WriteError
+
     tiny = tmp_path / "tiny"
     tiny.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(tiny)], capture_output=True)
@@ -108,6 +119,8 @@ def test_save_image_on_a_full_disk(tmp_path):
 
 
 def test_a_writer_killed_mid_write_leaves_a_temp_file_clean_stale_temp_removes(tmp_path):
+    from longitudinal.io import TEMP_PREFIX, clean_stale_temp
+
     target = tmp_path / "out" / "change_map.nii.gz"
     script = textwrap.dedent(f"""
         import time

@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import struct
-import zlib
-from pathlib import Path
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import smooth_volume, write_nifti, write_png
+from conftest import huge_png_header, smooth_volume, write_nifti, write_png
 from longitudinal.errors import InputError
 from longitudinal.io import InputSettings, describe, load_image
 from longitudinal.pipeline import load
-
-
-def huge_png_header(path: Path, width: int = 10000, height: int = 10000) -> Path:
-    """A PNG whose header says width x height RGB; its pixel data is a stub (never read when refused)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
-    return path
 
 
 def test_over_the_limit_is_refused_before_any_voxel_is_read(tmp_path, monkeypatch):

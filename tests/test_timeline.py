@@ -12,7 +12,7 @@ import pytest
 from conftest import smooth_volume, write_nifti, write_png
 from longitudinal.errors import InputError
 from longitudinal.io import load_image
-from longitudinal.timeline import Pair, TimelineSettings, check_same_patient, discover, load_pair, pairs
+from longitudinal.timeline import Pair, TimelineSettings, discover, pairs
 
 
 def _nii(path, seed=0, shape=(4, 5, 6), spacing=(1.0, 1.0, 1.0)):
@@ -279,6 +279,8 @@ def test_an_unreadable_file_in_a_dicom_tree_is_listed_not_dropped(tmp_path, seri
 
 
 def test_load_pair_refuses_a_followup_of_another_patient(tmp_path, series_writer):
+    from longitudinal.timeline import check_same_patient, load_pair
+
     series_writer(tmp_path / "a", patient_id="SECRET-A")
     series_writer(tmp_path / "b", patient_id="SECRET-B", seed=1)
     with pytest.raises(InputError) as err:
@@ -292,6 +294,8 @@ def test_load_pair_refuses_a_followup_of_another_patient(tmp_path, series_writer
 
 
 def test_load_pair_chooses_a_series_by_rule_never_the_other_inputs(tmp_path, series_writer):
+    from longitudinal.timeline import load_pair
+
     series_writer(tmp_path / "base" / "own", patient_id="P", study_date="20200101", series_description="T1")
     later = smooth_volume((9, 12, 10), seed=3)
     series_writer(tmp_path / "base" / "copy", later, patient_id="P", study_date="20210101", series_uid="1.2.826.0.9.5")
@@ -342,6 +346,8 @@ def test_dates_from_plain_folder_and_file_names_but_not_further_up(tmp_path):
 
 
 def test_dates_given_for_the_pair_override_and_say_so(tmp_path, caplog):
+    from longitudinal.timeline import load_pair
+
     a = _nii(tmp_path / "P001" / "2021-03-04" / "t1.nii.gz")
     b = _nii(tmp_path / "P001" / "scan2" / "t1.nii.gz", seed=1)
     with caplog.at_level(logging.WARNING, logger="longitudinal"):
