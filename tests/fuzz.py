@@ -318,7 +318,10 @@ def _dicom_header_malformed(original: bytes, mutated: bytes) -> bool:
     from pydicom.datadict import dictionary_VR
 
     for tag, (vr, value) in after.items():
-        if before.get(tag) == (vr, value) or not isinstance(value, bytes):
+        if not isinstance(value, bytes):  # sequences and converted values: compared through their items' bytes
+            continue
+        old = before.get(tag)
+        if old is not None and old[0] == vr and isinstance(old[1], bytes) and old[1] == value:
             continue
         try:
             vr = vr or dictionary_VR(tag)
@@ -638,7 +641,13 @@ def run(cases: int, seed: int = 1, compare: int = 0, timeout: float = 60.0, comp
             s = seeds[index % len(seeds)]
             folder = work / f"case{index}"
             folder.mkdir()
-            case, mutation = make_case(s, index, seed, folder)
+            try:
+                case, mutation = make_case(s, index, seed, folder)
+            except Exception as exc:  # the harness could not build this case: counted, never a finding
+                outcomes["not built"] += 1
+                print(f"case {index}: not built ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
             result = loader.run(case, s.path)
             verdict = judge(index, s, mutation, case, result)
             if index in compare_at:

@@ -3,10 +3,11 @@
 `Image` wraps a SimpleITK image, which already carries voxels, spacing, origin and
 direction in LPS physical space, plus the metadata a report needs (`Meta`).
 
-One module a format: `dicom` (series scan, geometry, decoding), `nifti` (nibabel's header
-checks), `pictures`; `load` dispatches (`load_image`, `describe`, `save_image`) and bounds the
-size (`InputSettings`); `provenance` dates an image from its surroundings; `files` writes
-atomically and verified; `native` sends library messages to the log.
+One module a format: `dicom` (series scan, strict header values, geometry), `dicom_pixels`
+(pixel data checked and decoded), `nifti` (nibabel's header checks), `pictures`; `load`
+dispatches (`load_image`, `describe`, `save_image`) and bounds the size (`InputSettings`);
+`provenance` dates an image from its surroundings; `files` writes atomically and verified;
+`native` sends library messages to the log.
 """
 
 from .dicom import SeriesInfo, scan_dicom

@@ -21,7 +21,8 @@ import SimpleITK as sitk
 
 from ..errors import InputError, WriteError
 from . import nifti
-from .dicom import SeriesInfo, _has_dicom_magic, file_series, load_series, pick_series, scan
+from .dicom import SeriesInfo, _has_dicom_magic, file_series, pick_series, scan
+from .dicom_pixels import load_series
 from .files import atomic_write, existing
 from .image import (DICOM_EXTS, ITK_EXTS, NIFTI_EXTS, PICTURE_EXTS, Image, ImageInfo, InputSettings, Meta, _ext,
                     _str, check_voxels)
