@@ -294,6 +294,10 @@ class _Pending:
     found: Scan | None  # the DICOM scan of a folder visit; None for an image file
     file: Path | None = None  # the image file of a file visit
 
+    @property
+    def name_source(self) -> str:
+        return "file name" if self.path.is_file() else "folder name"
+
 
 def _pending(path: Path, vid: str, date: dt.date | None, settings: TimelineSettings) -> _Pending:
     """The visit stored at `path`: an image file, a folder with image files, or DICOM."""
@@ -312,18 +316,17 @@ def _pending(path: Path, vid: str, date: dt.date | None, settings: TimelineSetti
     return _Pending(vid, path, date, found)
 
 
-def _resolve(pending: list[_Pending], patient: str, settings: TimelineSettings,
-             name_source: str = "visit name") -> list[Visit]:
+def _resolve(pending: list[_Pending], patient: str, settings: TimelineSettings) -> list[Visit]:
     """Visits from pending ones: each DICOM visit's series chosen clear of the other visits."""
     visits = []
     for p in pending:
         if p.found is None:
-            visits.append(_visit_from_info(p.id, p.date, patient, describe(p.file), name_source))
+            visits.append(_visit_from_info(p.id, p.date, patient, describe(p.file), p.name_source))
             continue
         others = [OtherVisit(q.date, frozenset(s.uid for s in q.found.series) if q.found else frozenset())
                   for q in pending if q is not p]
         chosen, note = choose_series(p.found.series, settings, p.path, date=p.date, others=others)
-        visits.append(_visit_from_series(p.id, p.date, patient, chosen, note, name_source))
+        visits.append(_visit_from_series(p.id, p.date, patient, chosen, note, p.name_source))
     return visits
 
 
@@ -380,7 +383,7 @@ def _plain_patient(folder: Path, pid: str, settings: TimelineSettings) -> list[V
             raise InputError(child, "cannot tell when this visit happened from its name; name visits by date "
                                     "(2021-03-04 or 20210304) or in order (baseline, visit1, visit2, ...)")
         pending.append(_pending(child, name, date_in(name), settings))
-    return _resolve(pending, pid, settings, "folder name")
+    return _resolve(pending, pid, settings)
 
 
 def _is_plain_patient(folder: Path) -> bool:
