@@ -119,7 +119,7 @@ def test_folder_with_two_series_lists_them_and_series_uid_picks(tmp_path, series
     with pytest.raises(InputError) as err:
         load_image(tmp_path / "s")
     msg = str(err.value)
-    assert "2 image series" in msg and "series_uid=" in msg
+    assert "2 image series" in msg and "choose one with --series-uid (Python: series_uid=)" in msg
     assert "1.2.826.0.1.1 'T1 axial' MR 4 slices" in msg and "1.2.826.0.1.2 'T2 axial'" in msg
     np.testing.assert_array_equal(load_image(tmp_path / "s", series_uid="1.2.826.0.1.2").array, a + 5)
     assert load_image(tmp_path / "s", series_uid="1.2.826.0.1.1").meta.series_description == "T1 axial"
