@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -200,7 +201,9 @@ def test_an_unreadable_file_is_reported_as_a_permission_error_not_missing():
 # ----------------------------------------------------------------------------- messages
 
 
-def test_library_messages_go_to_the_log_not_the_terminal(capfd, caplog):
+def test_library_messages_go_to_the_log_not_the_terminal(capfd, caplog, monkeypatch):
+    # cli.main() tests leave a handler on the "longitudinal" logger writing to their (closed) captured stderr
+    monkeypatch.setattr(logging.getLogger("longitudinal"), "handlers", [])
     with caplog.at_level("DEBUG", logger="longitudinal"):
         image = load_image(PYDICOM_DIR / "JPGExtended.dcm")  # GDCM prints "Unsupported JPEG data precision 12"
     assert image.size == (256, 1024)
