@@ -171,6 +171,7 @@ class Mutation:
     malformed: bool | None = None  # for a value mutation: was the new value malformed (None: not a value mutation)
     target: str = ""  # the mutated file's name
     pixel_bytes: bool = False  # some of the mutated bytes are pixel data
+    malformed_tags: list[str] = field(default_factory=list)  # for a DICOM byte mutation: elements left malformed
 
 
 def _pixel_offset(data: bytes) -> int:
@@ -299,8 +300,9 @@ def _well_formed(vr: str, value: object) -> bool:
     return True
 
 
-def _dicom_header_malformed(original: bytes, mutated: bytes) -> bool:
-    """Whether a byte mutation left some changed element with a value its VR does not allow (pydicom's rules)."""
+def _dicom_header_malformed(original: bytes, mutated: bytes) -> list[str]:
+    """The elements a byte mutation left with a value their VR does not allow (pydicom's rules); ["(header)"]
+    when the header no longer parses or its tags changed."""
     import pydicom
 
     def elements(data: bytes) -> dict:
@@ -314,29 +316,35 @@ def _dicom_header_malformed(original: bytes, mutated: bytes) -> bool:
     try:
         before, after = elements(original), elements(mutated)
     except Exception:
-        return True  # no longer parses
-    from pydicom.datadict import dictionary_VR
+        return ["(header)"]  # no longer parses
+    from pydicom.datadict import dictionary_VR, keyword_for_tag
 
+    bad: list[str] = []
     for tag, (vr, value) in after.items():
         if not isinstance(value, bytes):  # sequences and converted values: compared through their items' bytes
             continue
         old = before.get(tag)
         if old is not None and old[0] == vr and isinstance(old[1], bytes) and old[1] == value:
             continue
+        name = keyword_for_tag(tag) or f"{tag:08X}"
         try:
             vr = vr or dictionary_VR(tag)
         except KeyError:
-            return True  # a tag no dictionary knows appeared
+            bad.append(name)  # a tag no dictionary knows appeared
+            continue
         if vr in ("DS", "IS", "UI", "CS", "DA", "TM", "AS"):
             try:
                 text = value.decode("ascii").strip(" \0")
             except UnicodeDecodeError:
-                return True
+                bad.append(name)
+                continue
             if not _well_formed(vr, text):
-                return True
+                bad.append(name)
         elif vr in ("US", "SS") and len(value) % 2:
-            return True
-    return set(after) != set(before)
+            bad.append(name)
+    if set(after) != set(before):
+        bad.append("(header)")  # elements appeared or vanished
+    return bad
 
 
 def _nifti_header_malformed(original: bytes, mutated: bytes) -> bool:
@@ -415,7 +423,8 @@ def make_case(seed: Seed, index: int, run_seed: int, folder: Path) -> tuple[Path
             original = data
             data, mutation = mutate_bytes(data, rng, _pixel_offset(data), 128)
             if mutation.region == "header":
-                mutation.malformed = _dicom_header_malformed(original, data)
+                mutation.malformed_tags = _dicom_header_malformed(original, data)
+                mutation.malformed = bool(mutation.malformed_tags)
     else:
         gz = victim.name.endswith(".gz")
         content = gzip.decompress(data) if gz else data
@@ -573,11 +582,28 @@ def judge(index: int, seed: Seed, mutation: Mutation, case: Path, result: dict) 
         out.detail = changed
         if mutation.region == "pixels" or (mutation.pixel_bytes and changed.startswith("voxel values")):
             out.classes.append("silent-pixels")  # no checksum to tell
-        elif mutation.malformed or mutation.region == "gzip":  # gzip carries a checksum
-            out.classes.append("silent-malformed")
+        elif mutation.region == "gzip" or (mutation.malformed and _relevant(mutation, changed)):
+            out.classes.append("silent-malformed")  # (gzip carries a checksum)
         else:
             out.classes.append("silent-wellformed")  # the header now describes another image, consistently
     return out
+
+
+# What a silent change of each kind could have come from: a malformed element elsewhere does not explain it.
+_GEOMETRY_TAGS = {"ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "ImagerPixelSpacing",
+                  "Rows", "Columns", "NumberOfFrames", "GridFrameOffsetVector", "SharedFunctionalGroupsSequence",
+                  "PerFrameFunctionalGroupsSequence", "SeriesInstanceUID", "(header)"}
+_VALUE_TAGS = {"RescaleSlope", "RescaleIntercept", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+               "SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration", "TransferSyntaxUID",
+               "Rows", "Columns", "NumberOfFrames", "ModalityLUTSequence", "(header)"}
+
+
+def _relevant(mutation: Mutation, changed: str) -> bool:
+    """Whether the mutation's malformed elements could explain the change (value mutations always can)."""
+    if not mutation.malformed_tags:
+        return True
+    tags = _VALUE_TAGS if changed.startswith("voxel values") else _GEOMETRY_TAGS
+    return bool(tags & set(mutation.malformed_tags))
 
 
 def compare_case(seed: Seed, case: Path, work: Path, pipeline: Path, timeout: float) -> tuple[str, str]:

@@ -260,3 +260,15 @@ def test_big_endian_32_bit_dose_decodes_like_its_little_endian_twin(pydicom_file
     """GDCM swaps 32-bit big-endian data (found by tests/fuzz.py): the two encodings must load alike."""
     little, big = load_image(pydicom_file("rtdose.dcm")), load_image(pydicom_file("rtdose_expb.dcm"))
     np.testing.assert_array_equal(big.array, little.array)
+
+
+def test_an_edge_slice_cut_after_its_file_meta_is_named_not_dropped(tmp_path, series_writer):
+    """Found by tests/fuzz.py: a slice whose dataset is gone (only the preamble and file meta left) was skipped as
+    "DICOM without pixels", and the series loaded one slice short."""
+    files = _by_z(series_writer(tmp_path / "s"))
+    meta = pydicom.dcmread(files[-1]).file_meta
+    end = 132 + 12 + int(meta.FileMetaInformationGroupLength)
+    files[-1].write_bytes(files[-1].read_bytes()[:end])
+    with pytest.raises(InputError) as err:
+        load_image(tmp_path / "s")
+    assert str(err.value).startswith(f"{files[-1]}: DICOM MR Image Storage header has no Rows/Columns")

@@ -367,7 +367,10 @@ def _convert(path: Path, ds: pydicom.Dataset) -> None:
 
 
 def _sop_name(ds: pydicom.Dataset) -> str:
+    """The SOP class's name, from the dataset or else the file meta ("unknown SOP class" if neither says)."""
     uid = ds.get("SOPClassUID")
+    if uid is None and getattr(ds, "file_meta", None) is not None:
+        uid = ds.file_meta.get("MediaStorageSOPClassUID")
     try:
         return uid.name if uid is not None else "unknown SOP class"
     except Exception:
@@ -385,6 +388,8 @@ def _not_an_image(path: Path, ds: pydicom.Dataset) -> InputError:
     if "Image Storage" in _sop_name(ds):
         # An image SOP class without Rows/Columns: pydicom stops quietly at the end of a cut file.
         return InputError(path, f"DICOM {_sop_name(ds)} header has no Rows/Columns: file truncated or corrupt")
+    if _sop_name(ds) == "unknown SOP class":
+        return InputError(path, "DICOM header has neither a SOP class nor Rows/Columns: file truncated or corrupt")
     return InputError(path, f"not an image: DICOM {_sop_name(ds)} (Modality {_str(ds.get('Modality')) or '?'}) "
                             "holds no pixel data")
 
@@ -753,7 +758,8 @@ def _scan(folder: Path) -> Scan:
             skipped.append((path, "not DICOM"))
             continue
         if not _is_image(ds):
-            if "Image Storage" in _sop_name(ds):  # an image file cut short: do not drop a slice silently
+            sop = _sop_name(ds)
+            if "Image Storage" in sop or sop == "unknown SOP class":  # cut short or corrupt: never drop a slice
                 unreadable.append(Unreadable(path, _not_an_image(path, ds).problem))
             else:
                 skipped.append((path, f"DICOM {_sop_name(ds)} without pixels"))
