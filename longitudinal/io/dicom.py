@@ -351,10 +351,14 @@ _STRICT = frozenset(tag_for_keyword(k) for k in (
 def _convert(path: Path, ds: pydicom.Dataset) -> None:
     """Convert every other top-level value now, so a value pydicom cannot read is an error naming its tag here
     rather than an exception wherever it is first used; and check the transfer syntax is one."""
-    try:
-        syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    except Exception as exc:
-        raise InputError(path, f"TransferSyntaxUID cannot be read ({type(exc).__name__}): header corrupt") from exc
+    meta = getattr(ds, "file_meta", None)
+    for tag in list(meta.keys()) if meta is not None else []:
+        try:
+            meta[tag]
+        except Exception as exc:  # pydicom raises many types on values it cannot read
+            raise InputError(path, f"malformed file meta element {Tag(tag)} ({type(exc).__name__}: "
+                                   f"{str(exc)[:80]})") from exc
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if syntax is not None and not (isinstance(syntax, pydicom.uid.UID) and syntax.is_transfer_syntax):
         raise InputError(path, f"TransferSyntaxUID {str(syntax)[:64]!r} is not a transfer syntax: header corrupt")
     for tag in list(ds.keys()):
@@ -368,13 +372,13 @@ def _convert(path: Path, ds: pydicom.Dataset) -> None:
 
 def _sop_name(ds: pydicom.Dataset) -> str:
     """The SOP class's name, from the dataset or else the file meta ("unknown SOP class" if neither says)."""
-    uid = ds.get("SOPClassUID")
-    if uid is None and getattr(ds, "file_meta", None) is not None:
-        uid = ds.file_meta.get("MediaStorageSOPClassUID")
     try:
+        uid = ds.get("SOPClassUID")
+        if uid is None and getattr(ds, "file_meta", None) is not None:
+            uid = ds.file_meta.get("MediaStorageSOPClassUID")
         return uid.name if uid is not None else "unknown SOP class"
-    except Exception:
-        return str(uid)
+    except Exception:  # a value pydicom cannot read: nothing can be said of the class
+        return "unknown SOP class"
 
 
 def _is_image(ds: pydicom.Dataset) -> bool:
