@@ -272,3 +272,23 @@ def test_an_edge_slice_cut_after_its_file_meta_is_named_not_dropped(tmp_path, se
     with pytest.raises(InputError) as err:
         load_image(tmp_path / "s")
     assert str(err.value).startswith(f"{files[-1]}: DICOM MR Image Storage header has no Rows/Columns")
+
+
+def test_headers_the_fuzzer_changed_silently_are_refused(tmp_path, pydicom_file):
+    """Found by tests/fuzz.py (loaded before, with other values and no error)."""
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    del ds.RescaleIntercept  # Hounsfield units shift by the intercept
+    ds.save_as(tmp_path / "ct.dcm")
+    with pytest.raises(InputError, match="ct.dcm: CT image without RescaleSlope and RescaleIntercept"):
+        load_image(tmp_path / "ct.dcm")
+    ds = pydicom.dcmread(pydicom_file("SC_rgb_rle.dcm"))
+    ds.PixelRepresentation = 1  # colour samples read as signed
+    ds.save_as(tmp_path / "rgb.dcm")
+    with pytest.raises(InputError, match=r"rgb.dcm: PixelRepresentation \(0028,0103\) is 1 \(signed\) for RGB"):
+        load_image(tmp_path / "rgb.dcm")
+    path = write_nifti(tmp_path / "v.nii", smooth_volume((3, 4, 5)))
+    data = bytearray(path.read_bytes())
+    data[108:112] = np.float32(0).tobytes()  # vox_offset 0: SimpleITK reads the header as voxels
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="v.nii: NIfTI vox_offset is 0"):
+        load_image(path)

@@ -65,7 +65,7 @@ _MAX_FRAMES = 65536
 _REQUIRED = ("SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
              "PixelRepresentation")
 # Images whose pixel spacing is required (CT, MR, PET): without it, 1 mm pixels would be made up.
-_SPACING_REQUIRED = ("CT", "MR", "PT")
+_SPACING_REQUIRED = ("CT", "MR", "PT", "RTDOSE")
 # PhotometricInterpretation values and the SamplesPerPixel each needs.
 _PHOTOMETRIC = {"MONOCHROME1": 1, "MONOCHROME2": 1, "PALETTE COLOR": 1, "RGB": 3, "YBR_FULL": 3, "YBR_FULL_422": 3,
                 "YBR_PARTIAL_422": 3, "YBR_PARTIAL_420": 3, "YBR_ICT": 3, "YBR_RCT": 3, "HSV": 3, "ARGB": 4,
@@ -451,12 +451,16 @@ def _pixel_spacing(path: Path, ds: pydicom.Dataset) -> tuple[float, float] | Non
 
 
 def _rescale(path: Path, ds: pydicom.Dataset) -> tuple[float, float]:
+    """RescaleSlope and RescaleIntercept (from the functional groups in an enhanced header); a CT image has them:
+    without them Hounsfield units would silently shift."""
     source = ds
     if _raw_text(path, ds, "RescaleSlope") is None and _raw_text(path, ds, "RescaleIntercept") is None:
         shared = _item(path, ds, "SharedFunctionalGroupsSequence")
         source = _item(path, shared, "PixelValueTransformationSequence") or ds
     slope = _numbers(path, source, "RescaleSlope", count=1)
     intercept = _numbers(path, source, "RescaleIntercept", count=1)
+    if (_str(ds.get("Modality")) or "").upper() == "CT" and (slope is None or intercept is None):
+        raise InputError(path, "CT image without RescaleSlope and RescaleIntercept: header corrupt")
     if slope is not None and slope[0] == 0:
         raise InputError(path, f"{_tag_name('RescaleSlope')} is 0: every pixel would have the same value")
     return (slope[0] if slope else 1.0), (intercept[0] if intercept else 0.0)
@@ -490,6 +494,12 @@ def _layout(path: Path, ds: pydicom.Dataset, slope: float, intercept: float, fra
     if wanted is not None and (samples or 1) != wanted:
         raise InputError(path, f"{_tag_name('PhotometricInterpretation')} {photometric} needs {wanted} sample(s) per "
                                f"pixel, but SamplesPerPixel is {samples or 1}")
+    if (samples or 1) > 1:  # colour: unsigned samples, and how they are interleaved must be said
+        if representation == 1:
+            raise InputError(path, f"{_tag_name('PixelRepresentation')} is 1 (signed) for {photometric or 'colour'} "
+                                   "data, which is unsigned: header corrupt")
+        if _unsigned(path, ds, "PlanarConfiguration") is None and "SOPClassUID" in ds:
+            raise InputError(path, f"colour image header lacks {_tag_name('PlanarConfiguration')}: header corrupt")
     value_range = None
     # Not checkable: no BitsStored (float data), bits unpacked to 0/255 by GDCM, an index into a table.
     if stored is not None and allocated != 1 and photometric != "PALETTE COLOR" and "ModalityLUTSequence" not in ds:

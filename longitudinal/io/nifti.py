@@ -54,7 +54,7 @@ class Header:
 
     @property
     def offset(self) -> int:
-        return max(int(self.raw["vox_offset"]), 352)  # a single-file NIfTI-1's voxels start at 352 or later
+        return int(self.raw["vox_offset"])  # check_header has made sure it is a whole number, 352 or more
 
     @property
     def affine(self) -> np.ndarray:
@@ -99,8 +99,10 @@ def check_header(path: Path, header: Header) -> None:
     """Refuse headers whose geometry or layout cannot be trusted (see the module docstring)."""
     hdr = header.raw
     offset = float(hdr["vox_offset"])  # first: nibabel's own check cannot format an infinite offset
-    if not np.isfinite(offset) or offset < 0 or offset != int(offset) or offset > _MAX_OFFSET:
-        raise InputError(path, f"NIfTI vox_offset is {offset:g}, not a plausible byte offset: the header is corrupt")
+    if not np.isfinite(offset) or offset < 352 or offset != int(offset) or offset > _MAX_OFFSET:
+        # (nibabel's own check lets 0 pass; SimpleITK then reads the header as voxels)
+        raise InputError(path, f"NIfTI vox_offset is {offset:g}, not a plausible byte offset for a single-file NIfTI "
+                               "(352 or more): the header is corrupt")
     try:
         with library_messages(f"checking {path}"):
             found = type(hdr).diagnose_binaryblock(hdr.binaryblock)
