@@ -37,7 +37,7 @@ from typing import Literal
 from . import __version__, interop, report
 from .compare import Comparison
 from .errors import InputError
-from .io import Image, atomic_write_text
+from .io import Image, atomic_write_text, clean_stale_temp
 from .pipeline import Pipeline
 from .report.summary import PairResult, counts, summary_csv, summary_html
 from .timeline import Pair, Patient, TimelineSettings, discover, pairs
@@ -280,8 +280,9 @@ def _run_pair(task: _Task) -> PairResult:
             from .compare import compare as compare_fn
         if task.threads:
             _set_threads(task.threads)  # after the import: torch is loaded by then
-        baseline = task.pair.baseline.load()
-        followup = task.pair.followup.load()
+        limits = task.pipeline.input if task.pipeline is not None else None
+        baseline = task.pair.baseline.load(settings=limits)
+        followup = task.pair.followup.load(settings=limits)
         comparison = compare_fn(baseline, followup, task.pipeline)
         if task.interop is not None:  # before the report, whose `.complete` marks the folder finished
             (task.out_dir / task.folder / report.COMPLETE).unlink(missing_ok=True)
@@ -383,6 +384,7 @@ def run_batch(
     found = discover(studies_dir, timeline, strict=False)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        clean_stale_temp(out, recursive=True)  # temp files of writers killed in an earlier run
         key = _deid_key(out) if deidentify else None
     except OSError as exc:
         raise report.OutputError(f"{out}: cannot write there ({exc.strerror or exc})") from exc

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, printable
 
 log = logging.getLogger("longitudinal")
 
@@ -175,17 +175,35 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     _dicom_arguments(p)
     p.add_argument("--series-uid", metavar=("BASELINE_UID", "FOLLOWUP_UID"), nargs=2,
                    help="pick the DICOM series of each input folder ('-' lets the loader decide for that input)")
+    p.add_argument("--baseline-date", metavar="YYYY-MM-DD", type=_iso_date,
+                   help="when the baseline was taken (default: the header, a BIDS sidecar or sessions.tsv, the name)")
+    p.add_argument("--followup-date", metavar="YYYY-MM-DD", type=_iso_date, help="when the follow-up was taken")
+    p.add_argument("--allow-mixed-patients", action="store_true",
+                   help="accept inputs whose DICOM PatientIDs differ (between or within the series)")
+
+
+def _iso_date(text: str):
+    import datetime as dt
+
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO date such as 2021-03-04, got {text!r}") from None
 
 
 def _compare(args: argparse.Namespace) -> int:
     from . import dicom_out
     from .compare import compare  # the pipeline's stages in order
-    from .io import load_image
     from .report import WRITERS, OutputContext, write_outputs
+    from .timeline import load_pair
 
     pipeline = _pipeline(args.pipeline)
     uids = [None if u in (None, "-") else u for u in (args.series_uid or [None, None])]
-    comparison = compare(load_image(args.baseline, uids[0]), load_image(args.followup, uids[1]), pipeline)
+    baseline, followup = load_pair(args.baseline, args.followup, series_uids=(uids[0], uids[1]),
+                                   dates=(args.baseline_date, args.followup_date),
+                                   allow_mixed_patients=args.allow_mixed_patients,
+                                   settings=pipeline.input if pipeline is not None else None)
+    comparison = compare(baseline, followup, pipeline, allow_mixed_patients=args.allow_mixed_patients)
     writers = {**WRITERS, "dicom": dicom_out.writer(args.dicom_out)}
     report = write_outputs(comparison, args.out, OutputContext(deidentify=args.deidentify),
                            writers=writers)["report.html"]
@@ -314,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         msg = str(exc) if isinstance(exc, InputError) else f"{exc.filename}: {exc.strerror}"
-        print(f"longitudinal: error: {' '.join(msg.split())}", file=sys.stderr)
+        print(f"longitudinal: error: {' '.join(printable(msg).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OutputError as exc:
         if debug:

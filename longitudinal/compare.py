@@ -174,15 +174,19 @@ def _not_comparable(registration: Registration, mask: np.ndarray) -> str | None:
 
 
 def compare(baseline: Image, followup: Image, pipeline: Pipeline | None = None,
-            detector: ChangeDetector | None = None) -> Comparison:
+            detector: ChangeDetector | None = None, allow_mixed_patients: bool = False) -> Comparison:
     """Register, harmonise, encode, score: the follow-up against the baseline.
 
     `pipeline` is a `pipeline.Pipeline` (None: chosen from the images); `detector` a fitted normative
     `scoring.ChangeDetector` (None: the pipeline's normative model if it names one, else fitted within the pair).
+    Images of two different patients (DICOM PatientID) are refused unless `allow_mixed_patients`.
     """
     from .pipeline import for_image
     from .scoring import ChangeDetector
+    from .timeline import check_same_patient
 
+    if not allow_mixed_patients:
+        check_same_patient(baseline, followup)
     pipeline = pipeline or for_image(baseline)
     # model files are read (and refused, when they do not fit the pipeline) before any work
     if detector is None and pipeline.scoring.normative_model is not None:

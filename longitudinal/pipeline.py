@@ -34,6 +34,7 @@ FILE_KEYS = frozenset({"weights"})
 def _stage_classes() -> dict[str, type]:
     # Imported here so that loading a pipeline does not import torch unless a stage needs it.
     from .encoding import EncoderSettings
+    from .io import InputSettings
     from .masks import MaskSettings
     from .preprocessing import PreprocessingSettings
     from .registration import RegistrationSettings
@@ -41,6 +42,7 @@ def _stage_classes() -> dict[str, type]:
     from .scoring import ScoringSettings
 
     return {
+        "input": InputSettings,
         "masks": MaskSettings,
         "registration": RegistrationSettings,
         "preprocessing": PreprocessingSettings,

@@ -2,51 +2,59 @@
 
 Three layouts are recognised (`TimelineSettings.layout = "auto"` picks one):
 
-- BIDS: ``sub-<p>/ses-<v>/anat/*.nii[.gz]``. Sessions are ordered by ``acq_time`` in
-  ``sub-<p>/sub-<p>_sessions.tsv`` when every session has one, else by session name
-  (a date in the name counts). When an anat folder holds several images the suffix
-  preference `bids_suffixes` (T1w first) decides; two images with the same best suffix
-  (e.g. two runs) are refused, because silently picking one would compare different runs.
+- BIDS: ``sub-<p>/ses-<v>/anat/*.nii[.gz]``. Sessions are ordered by date when every session
+  has one (the image's JSON sidecar AcquisitionDateTime, else ``acq_time`` in
+  ``sub-<p>/sub-<p>_sessions.tsv``, else a date in the session name), else by session name.
+  When an anat folder holds several images the suffix preference `bids_suffixes` (T1w
+  first) decides; two images with the same best suffix (e.g. two runs) are refused, because
+  silently picking one would compare different runs.
 - Plain: ``<patient>/<visit>/<image file or DICOM series folder>`` or
   ``<patient>/<visit>.nii.gz``. A visit name must say when it happened: an ISO date
   (2021-03-04, 20210304, optionally with a suffix) or an ordinal name (baseline, bl,
   screening, visit1, v2, tp3, month06, m12, week4, day30, year1, fu1, ses-2, study1).
   The root itself may be a single patient folder.
 - DICOM tree in any nesting: grouped by PatientID, then by StudyDate; one visit per
-  patient and day (same-day studies are one visit).
+  patient and day (same-day studies are one visit). A file that should be DICOM but
+  cannot be read, in a folder holding no series, is listed as an unusable entry of its own.
 
-When a visit holds several DICOM series the visit uses one: the 3D series with the most
-slices whose geometry is valid (a regex on SeriesDescription, `series_description`,
-narrows the choice first); the choice is logged. ``derivatives``, ``sourcedata``,
+When a visit holds several DICOM series the visit uses one, by this rule (`choose_series`):
+valid geometry; SeriesDescription matching `series_description` (a regex) if set; when the
+visit has a date of its own (its name), series of that StudyDate; never a series dated on
+another visit's day or also found in another visit's folder (unless nothing else is left);
+then the 3D series with the most slices (ties: latest StudyTime, then UID). The choice is
+logged and recorded in `Visit.series_choice` and, on loading, `Meta.series_choice`. Two
+visits that would use the same series are refused. ``derivatives``, ``sourcedata``,
 ``code`` and hidden folders are never patients or visits.
 
-A follow-up whose DICOM PatientID differs from its baseline's is refused (the error names
-both files, never the IDs) unless ``allow_mixed_patients=True``.
+A follow-up whose DICOM PatientID differs from its baseline's, and a series whose slices
+carry different PatientIDs, are refused (the error names files, never the IDs) unless
+``allow_mixed_patients=True``. `load_pair` applies the same rules to the two inputs of
+`longitudinal compare`, and `check_same_patient` to any two loaded images.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime as dt
-import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from .errors import InputError
-from .io import (ITK_EXTS, NIFTI_EXTS, PICTURE_EXTS, Image, ImageInfo, SeriesInfo, _ext, _scan,
-                 describe, load_image)
+from .io import ITK_EXTS, NIFTI_EXTS, PICTURE_EXTS, Image, ImageInfo, InputSettings, SeriesInfo, describe, load_image
+from .io.dicom import Scan, scan
+from .io.image import _ext
+from .io.provenance import context, date_in, parse_date, stem
 
 log = logging.getLogger(__name__)
 
 IGNORED_DIRS = frozenset({"derivatives", "sourcedata", "code", "__pycache__"})
 _IMAGE_FILE_EXTS = NIFTI_EXTS + PICTURE_EXTS + ITK_EXTS
 
-_DATE_RE = re.compile(r"(?<!\d)(\d{4})-?(\d{2})-?(\d{2})(?!\d)")
 _ORDINAL_RE = re.compile(
     r"^(?:ses|session|visit|v|tp|timepoint|time|scan|study|exam|month|mo|m|week|wk|w|day|d|year|yr|y|"
     r"fu|followup|follow-up|follow_up)[-_ ]?\d+([-_].*)?$", re.IGNORECASE)
@@ -79,16 +87,21 @@ class Visit:
     time: str | None = None  # HHMMSS from DICOM StudyTime / acq_time, when known
     # PatientID found in the image header; only compared, never printed.
     header_patient_id: str | None = field(default=None, repr=False, compare=False)
+    date_source: str | None = None  # where `date` came from (see io.Meta.study_date_source)
+    series_choice: str | None = None  # how the series was chosen when the visit held several (io.Meta)
+    # Two files of the visit's series whose PatientIDs differ (never the IDs).
+    mixed_patient_files: tuple[Path, Path] | None = field(default=None, repr=False, compare=False)
 
-    def load(self) -> Image:
-        """The visit's image; what the timeline knows (date, modality) fills what the file's header lacks."""
-        image = load_image(self.path, self.series_uid)
+    def load(self, allow_mixed_patients: bool = False, settings: InputSettings | None = None) -> Image:
+        """The visit's image; what the timeline knows (date, modality, series choice) fills what the header lacks."""
+        image = load_image(self.path, self.series_uid, allow_mixed_patients=allow_mixed_patients,
+                           settings=settings)
         meta = image.meta
-        known = {
-            "study_date": meta.study_date or (self.date.strftime("%Y%m%d") if self.date else None),
-            "study_time": meta.study_time or self.time,
-            "modality": meta.modality or self.modality,
-        }
+        known: dict[str, str | None] = {"study_time": meta.study_time or self.time,
+                                        "modality": meta.modality or self.modality,
+                                        "series_choice": meta.series_choice or self.series_choice}
+        if not meta.study_date and self.date:
+            known.update(study_date=self.date.strftime("%Y%m%d"), study_date_source=self.date_source)
         return dataclasses.replace(image, meta=dataclasses.replace(meta, **known))
 
 
@@ -131,29 +144,8 @@ def pairs(patient: Patient, against: Literal["baseline", "previous"] = "baseline
 # ----------------------------------------------------------------------------- names and dates
 
 
-def _date_in(name: str) -> dt.date | None:
-    for m in _DATE_RE.finditer(name):
-        try:
-            return dt.date(int(m[1]), int(m[2]), int(m[3]))
-        except ValueError:
-            continue
-    return None
-
-
-def _parse_date(text: str | None) -> dt.date | None:
-    """A date from DICOM (YYYYMMDD) or ISO text (2021-03-04, 2021-03-04T10:00:00)."""
-    if not text:
-        return None
-    return _date_in(text.strip()[:10])
-
-
-def _stem(path: Path) -> str:
-    ext = _ext(path)
-    return path.name[: -len(ext)] if ext else path.name
-
-
 def _visit_like(name: str) -> bool:
-    return (_date_in(name) is not None or bool(_ORDINAL_RE.match(name))
+    return (date_in(name) is not None or bool(_ORDINAL_RE.match(name))
             or name.lower() in _FIRST_WORDS)
 
 
@@ -166,7 +158,7 @@ def _order(visits: list[Visit], where: Path) -> tuple[Visit, ...]:
     if visits and all(v.date is not None for v in visits):
         by_date = tuple(sorted(visits, key=lambda v: (v.date, v.time or "", _name_key(v.id))))
         by_name = tuple(sorted(visits, key=lambda v: _name_key(v.id)))
-        if by_date != by_name and any(_date_in(v.id) is None for v in visits):
+        if by_date != by_name and any(date_in(v.id) is None for v in visits):
             log.warning("%s: visit names and acquisition dates disagree on the order; using the dates", where)
         return by_date
     if any(v.date is not None for v in visits):
@@ -185,7 +177,21 @@ def _children(folder: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- choosing a DICOM series
 
 
-def _choose_series(series: list[SeriesInfo], settings: TimelineSettings, where: Path) -> SeriesInfo:
+@dataclass(frozen=True)
+class OtherVisit:
+    """What choosing a visit's series must keep clear of: another visit's date and the series in its folder."""
+
+    date: dt.date | None
+    series_uids: frozenset[str]
+
+
+def choose_series(series: Sequence[SeriesInfo], settings: TimelineSettings, where: Path, *,
+                  date: dt.date | None = None, others: Sequence[OtherVisit] = ()) -> tuple[SeriesInfo, str | None]:
+    """The series that represents a visit, and a one-line note of how it was chosen (None: it was the only one).
+
+    `date`: the visit's own date (from its name), if it has one; `others`: the patient's other visits.
+    The rule is in the module docstring; each step applies only if it leaves some series.
+    """
     if not series:
         raise InputError(where, "no DICOM image series found")
     usable = [s for s in series if s.problem is None]
@@ -197,28 +203,70 @@ def _choose_series(series: list[SeriesInfo], settings: TimelineSettings, where: 
         if settings.series_description:
             why = f"no valid series matches description /{settings.series_description}/" + (f"; {why}" if why else "")
         raise InputError(where, f"no usable image series ({why})")
+    steps = [f"valid geometry{f', description /{settings.series_description}/' if settings.series_description else ''}"]
+
+    def narrow(keep: list[SeriesInfo], what: str) -> None:
+        nonlocal usable
+        if keep and len(keep) < len(usable):
+            steps.append(f"{what} ({len(usable) - len(keep)} left out)")
+            usable = keep
+
+    if date is not None:
+        narrow([s for s in usable if parse_date(s.study_date) == date], f"dated {date.isoformat()} like the visit")
+    other_dates = {o.date for o in others if o.date is not None} - {date}
+    narrow([s for s in usable if parse_date(s.study_date) not in other_dates], "not dated on another visit's day")
+    other_uids = frozenset().union(*(o.series_uids for o in others)) if others else frozenset()
+    narrow([s for s in usable if s.uid not in other_uids], "not also in another visit's folder")
     best = max(usable, key=lambda s: (len(s.size), s.n_slices, s.study_time or "", s.uid))
-    if len(series) > 1:
-        log.info("%s: using series '%s' (%s, %d slice(s)) out of %d series", where, best.description or "",
-                 best.modality or "?", best.n_slices, len(series))
-    return best
+    folders = {f.parent for f in best.files}
+    for s in series:  # a corrupt file may have split off the chosen series (a damaged SeriesInstanceUID)
+        if s.corrupt and s.problem_path is not None and (s.problem_path.parent in folders
+                                                         or any(f.parent in folders for f in s.files)):
+            raise InputError(s.problem_path, f"{s.problem}; it sits with the series this visit would use")
+    if len(series) == 1:
+        return best, None
+    steps.append("then the 3D series with the most slices")
+    note = (f"series {best.uid} '{best.description or ''}' ({best.modality or '?'}, {best.n_slices} slice(s)) "
+            f"chosen from {len(series)} series in this visit: {'; '.join(steps)}")
+    log.info("%s: %s", where, note)
+    return best, note
 
 
-def _visit_from_series(vid: str, date: dt.date | None, patient: str, s: SeriesInfo) -> Visit:
-    return Visit(id=vid, date=date, path=s.folder, patient_id=patient, modality=s.modality, size=s.size,
-                 spacing=s.spacing, kind="dicom", series_uid=s.uid, description=s.description,
-                 time=s.study_time, header_patient_id=s.patient_id)
+def _visit_from_series(vid: str, date: dt.date | None, patient: str, s: SeriesInfo, note: str | None,
+                       date_source: str | None) -> Visit:
+    header_date = parse_date(s.study_date)
+    if date is not None and header_date is not None and header_date != date:
+        log.warning("%s: visit name says %s but the DICOM StudyDate is %s; the name orders the visits", s.folder,
+                    date.isoformat(), header_date.isoformat())
+    return Visit(id=vid, date=date or header_date, path=s.folder, patient_id=patient, modality=s.modality,
+                 size=s.size, spacing=s.spacing, kind="dicom", series_uid=s.uid, description=s.description,
+                 time=s.study_time, header_patient_id=s.patient_id,
+                 date_source=date_source if date else ("DICOM StudyDate" if header_date else None),
+                 series_choice=note, mixed_patient_files=s.mixed_patient_files)
 
 
-def _visit_from_info(vid: str, date: dt.date | None, patient: str, info: ImageInfo) -> Visit:
-    return Visit(id=vid, date=date or _parse_date(info.study_date), path=info.path, patient_id=patient,
+def _visit_from_info(vid: str, date: dt.date | None, patient: str, info: ImageInfo,
+                     date_source: str | None = None) -> Visit:
+    """A visit of one image file; `date`: from the visit's name. A JSON sidecar's date beats the name's."""
+    found = context(info.path) if info.kind != "dicom" else None
+    time = info.study_time
+    if found is not None and found.date is not None and (found.date_source or "").startswith("BIDS sidecar"):
+        if date is not None and found.date != date:
+            log.warning("%s: its %s says %s, the visit name %s; using the sidecar", info.path, found.date_source,
+                        found.date.isoformat(), date.isoformat())
+        date, date_source, time = found.date, found.date_source, found.time
+    elif date is None:
+        date = parse_date(info.study_date)
+        date_source = ("DICOM StudyDate" if info.kind == "dicom" else found.date_source if found else None) \
+            if date else None
+    return Visit(id=vid, date=date, path=info.path, patient_id=patient,
                  modality=info.modality, size=info.size, spacing=info.spacing, kind=info.kind,
-                 series_uid=info.series_uid, description=info.description, time=info.study_time,
-                 header_patient_id=info.patient_id)
+                 series_uid=info.series_uid, description=info.description, time=time,
+                 header_patient_id=info.patient_id, date_source=date_source)
 
 
 def _suffix_rank(path: Path, settings: TimelineSettings) -> int:
-    suffix = _stem(path).rsplit("_", 1)[-1]
+    suffix = stem(path).rsplit("_", 1)[-1]
     prefs = [s.lower() for s in settings.bids_suffixes]
     return prefs.index(suffix.lower()) if suffix.lower() in prefs else len(prefs)
 
@@ -236,50 +284,53 @@ def _pick_file(files: list[Path], settings: TimelineSettings, where: Path) -> Pa
     return ranked[0]
 
 
-def _visit_in(path: Path, vid: str, date: dt.date | None, patient: str, settings: TimelineSettings) -> Visit:
+@dataclass(frozen=True)
+class _Pending:
+    """A plain-layout visit before its series is chosen (choosing needs the patient's other visits)."""
+
+    id: str
+    path: Path
+    date: dt.date | None  # from the visit's name
+    found: Scan | None  # the DICOM scan of a folder visit; None for an image file
+    file: Path | None = None  # the image file of a file visit
+
+    @property
+    def name_source(self) -> str:
+        return "file name" if self.path.is_file() else "folder name"
+
+
+def _pending(path: Path, vid: str, date: dt.date | None, settings: TimelineSettings) -> _Pending:
     """The visit stored at `path`: an image file, a folder with image files, or DICOM."""
     if path.is_file():
-        return _visit_from_info(vid, date, patient, describe(path))
+        return _Pending(vid, path, date, None, path)
     files = [p for p in _children(path) if p.is_file() and _ext(p) in _IMAGE_FILE_EXTS]
     if files:
-        return _visit_from_info(vid, date, patient, describe(_pick_file(files, settings, path)))
-    series, skipped = _scan(path)
-    if not series:
-        what = f" ({len(skipped)} non-image file(s))" if skipped else ""
+        return _Pending(vid, path, date, None, _pick_file(files, settings, path))
+    found = scan(path)
+    orphans = found.orphans()
+    if orphans:
+        raise InputError(orphans[0].path, orphans[0].reason)
+    if not found.series:
+        what = f" ({len(found.skipped)} non-image file(s))" if found.skipped else ""
         raise InputError(path, f"no image found for this visit{what}")
-    s = _choose_series(series, settings, path)
-    return _visit_from_series(vid, date or _parse_date(s.study_date), patient, s)
+    return _Pending(vid, path, date, found)
+
+
+def _resolve(pending: list[_Pending], patient: str, settings: TimelineSettings) -> list[Visit]:
+    """Visits from pending ones: each DICOM visit's series chosen clear of the other visits."""
+    visits = []
+    for p in pending:
+        if p.found is None:
+            visits.append(_visit_from_info(p.id, p.date, patient, describe(p.file), p.name_source))
+            continue
+        others = [OtherVisit(q.date, frozenset(s.uid for s in q.found.series) if q.found else frozenset())
+                  for q in pending if q is not p]
+        chosen, note = choose_series(p.found.series, settings, p.path, date=p.date, others=others)
+        visits.append(_visit_from_series(p.id, p.date, patient, chosen, note, p.name_source))
+    return visits
 
 
 # ----------------------------------------------------------------------------- layouts
-
-
-def _bids_session_dates(subject: Path) -> dict[str, tuple[dt.date | None, str | None]]:
-    tsv = subject / f"{subject.name}_sessions.tsv"
-    if not tsv.is_file():
-        return {}
-    out = {}
-    with open(tsv, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh, delimiter="\t"))
-    for row in rows:
-        sid, acq = (row.get("session_id") or "").strip(), (row.get("acq_time") or "").strip()
-        if not sid:
-            continue
-        sid = sid if sid.startswith("ses-") else f"ses-{sid}"
-        date = _parse_date(acq) if acq and acq.lower() != "n/a" else None
-        time = (re.sub(r"\D", "", acq[11:19]) or None) if date and len(acq) > 11 else None
-        out[sid] = (date, time)
-    return out
-
-
-def _bids_modality(image: Path) -> str:
-    """The sidecar's Modality when given; BIDS anat images are MR otherwise."""
-    sidecar = image.with_name(_stem(image) + ".json")
-    try:
-        value = json.loads(sidecar.read_text(encoding="utf-8")).get("Modality") if sidecar.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        value = None
-    return value if isinstance(value, str) and value else "MR"
 
 
 def _bids(root: Path, settings: TimelineSettings) -> list[tuple[Path, str, list[Visit] | InputError]]:
@@ -304,7 +355,6 @@ def _collect(read, *args) -> list[Visit] | InputError:
 
 
 def _bids_subject(subject: Path, sessions: list[Path], settings: TimelineSettings) -> list[Visit]:
-    dates = _bids_session_dates(subject)
     visits = []
     for ses in sessions:
         anat = ses / "anat"
@@ -315,29 +365,31 @@ def _bids_subject(subject: Path, sessions: list[Path], settings: TimelineSetting
             raise InputError(anat, "no NIfTI image in this BIDS anat folder")
         image = _pick_file(files, settings, anat)
         info = describe(image)
-        date, time = dates.get(ses.name, (None, None))
-        visit = _visit_from_info(ses.name, date or _date_in(ses.name[4:]), subject.name, info)
-        visits.append(dataclasses.replace(visit, time=time or visit.time, modality=_bids_modality(image)))
+        found = context(image)  # sidecar, sessions.tsv, session name
+        visit = Visit(id=ses.name, date=found.date, path=image, patient_id=subject.name,
+                      modality=info.modality or "MR", size=info.size, spacing=info.spacing, kind=info.kind,
+                      description=info.description, time=found.time, date_source=found.date_source)
+        visits.append(visit)  # BIDS anat images are MR unless the sidecar says otherwise
     return visits
 
 
 def _plain_patient(folder: Path, pid: str, settings: TimelineSettings) -> list[Visit]:
-    visits = []
+    pending = []
     for child in _children(folder):
         if child.is_file() and _ext(child) not in _IMAGE_FILE_EXTS + (".dcm",):
             continue  # notes, spreadsheets next to the visits
-        name = _stem(child) if child.is_file() else child.name
+        name = stem(child) if child.is_file() else child.name
         if not _visit_like(name):
             raise InputError(child, "cannot tell when this visit happened from its name; name visits by date "
                                     "(2021-03-04 or 20210304) or in order (baseline, visit1, visit2, ...)")
-        visits.append(_visit_in(child, name, _date_in(name), pid, settings))
-    return visits
+        pending.append(_pending(child, name, date_in(name), settings))
+    return _resolve(pending, pid, settings)
 
 
 def _is_plain_patient(folder: Path) -> bool:
     """Some child is named like a visit (the others get a clear error later)."""
     kids = [c for c in _children(folder) if c.is_dir() or _ext(c) in _IMAGE_FILE_EXTS + (".dcm",)]
-    return any(_visit_like(_stem(c) if c.is_file() else c.name) for c in kids)
+    return any(_visit_like(stem(c) if c.is_file() else c.name) for c in kids)
 
 
 def _has_picture_or_nifti(folder: Path, depth: int) -> bool:
@@ -356,28 +408,35 @@ def _plain(root: Path, settings: TimelineSettings) -> list[tuple[Path, str, list
 
 
 def _dicom_tree(root: Path, settings: TimelineSettings) -> list[tuple[Path, str, list[Visit] | InputError]]:
-    series, _ = _scan(root)
-    series = [s for s in series if not any(_hidden_or_ignored(Path(part))
-                                           for part in s.folder.relative_to(root).parts)]
-    if not series:
+    found = scan(root)
+
+    def kept(path: Path) -> bool:
+        return not any(_hidden_or_ignored(Path(part)) for part in path.relative_to(root).parts[:-1])
+
+    series = [s for s in found.series if kept(s.files[0])]
+    # Unreadable files nothing else accounts for: each is listed as an unusable entry (no patient is known).
+    broken = [(u.path, f"unreadable file {u.path.name}", InputError(u.path, u.reason))
+              for u in found.orphans() if kept(u.path)]
+    if not series and not broken:
         raise InputError(root, "no patients found: expected BIDS (sub-*/ses-*/anat), <patient>/<visit>/<image>, "
                                "or a folder of DICOM files")
     by_patient: dict[str, dict[str, list[SeriesInfo]]] = {}
     for s in series:
         if not s.patient_id:
             raise InputError(s.files[0], "DICOM series without PatientID; cannot tell whose scan it is")
-        if not _parse_date(s.study_date):
+        if not parse_date(s.study_date):
             raise InputError(s.files[0], "DICOM series without a valid StudyDate; cannot place it in time")
-        by_patient.setdefault(s.patient_id, {}).setdefault(s.study_date, []).append(s)
+        by_patient.setdefault(s.patient_id, {}).setdefault(s.study_date, []).append(s)  # type: ignore[arg-type]
+
     def patient_visits(pid: str, days: dict[str, list[SeriesInfo]]) -> list[Visit]:
         visits = []
         for day, group in days.items():
             where = Path(os.path.commonpath([str(s.folder) for s in group]))
-            chosen = _choose_series(group, settings, where)
-            visits.append(_visit_from_series(day, _parse_date(day), pid, chosen))
+            chosen, note = choose_series(group, settings, where)
+            visits.append(_visit_from_series(day, parse_date(day), pid, chosen, note, "DICOM StudyDate"))
         return visits
 
-    return [(root, pid, _collect(patient_visits, pid, days)) for pid, days in by_patient.items()]
+    return [(root, pid, _collect(patient_visits, pid, days)) for pid, days in by_patient.items()] + broken
 
 
 def _detect(root: Path) -> str:
@@ -415,6 +474,7 @@ def discover(root: str | os.PathLike, settings: TimelineSettings = TimelineSetti
             ordered = _order(visits, where)
             if not allow_mixed_patients:
                 _check_same_patient(ordered)
+            _check_distinct_series(ordered)
         except InputError as exc:
             if strict:
                 raise
@@ -430,10 +490,96 @@ def discover(root: str | os.PathLike, settings: TimelineSettings = TimelineSetti
     return sorted(patients, key=lambda p: _name_key(p.id))
 
 
+_MIXED_HINT = "(pass allow_mixed_patients=True, CLI --allow-mixed-patients, if the ID changed legitimately)"
+
+
 def _check_same_patient(visits: tuple[Visit, ...]) -> None:
     base = visits[0]
+    for v in visits:
+        if v.mixed_patient_files:
+            a, b = v.mixed_patient_files
+            raise InputError(b, f"PatientID differs from that of {a} in the same series; refusing a series that "
+                                f"mixes two people {_MIXED_HINT}")
     for v in visits[1:]:
         if base.header_patient_id and v.header_patient_id and v.header_patient_id != base.header_patient_id:
             raise InputError(v.path, f"PatientID differs from the baseline's ({base.path}); refusing to compare "
-                                     "scans of two people (pass allow_mixed_patients=True, CLI "
-                                     "--allow-mixed-patients, if the ID changed legitimately)")
+                                     f"scans of two people {_MIXED_HINT}")
+
+
+def _check_distinct_series(visits: tuple[Visit, ...]) -> None:
+    seen: dict[str, Visit] = {}
+    for v in visits:
+        if v.series_uid and v.series_uid in seen:
+            raise InputError(v.path, f"visits {seen[v.series_uid].id} and {v.id} would both use series {v.series_uid}; "
+                                     "each visit folder must hold its own series")
+        if v.series_uid:
+            seen[v.series_uid] = v
+
+
+# ----------------------------------------------------------------------------- one pair, as `compare` loads it
+
+
+def check_same_patient(baseline: Image, followup: Image) -> None:
+    """Refuse two images whose DICOM PatientIDs differ; the error names a file of each, never the IDs.
+
+    Images without a PatientID (NIfTI, pictures) pass: there is nothing to compare. Series that mix
+    patients within themselves are refused by `load_image` unless it was told to allow them.
+    """
+    a, b = baseline.meta.patient_id, followup.meta.patient_id
+    if a and b and a != b:
+        raise InputError(_where(followup), f"PatientID differs from the baseline's ({_where(baseline)}); refusing to "
+                                           f"compare scans of two people {_MIXED_HINT}")
+
+
+def _where(image: Image) -> str:
+    sources = image.meta.sources
+    if len(sources) > 1:
+        return os.path.commonpath(sources)
+    return sources[0] if sources else "(image in memory)"
+
+
+def load_pair(baseline: str | os.PathLike, followup: str | os.PathLike, *,
+              series_uids: tuple[str | None, str | None] = (None, None),
+              dates: tuple[dt.date | None, dt.date | None] = (None, None), allow_mixed_patients: bool = False,
+              settings: InputSettings | None = None,
+              timeline: TimelineSettings = TimelineSettings()) -> tuple[Image, Image]:
+    """The baseline and follow-up images of one comparison, loaded as `longitudinal compare` does.
+
+    A folder holding several DICOM series has one chosen by `choose_series` (never the other input's
+    series; `series_uids` overrides); the choice is in `Meta.series_choice`. `dates` (e.g. from
+    --baseline-date) set `Meta.study_date`, overriding the header with a warning when they differ; without
+    them the date comes from the header or the image's surroundings. Both must be the same patient unless
+    `allow_mixed_patients`.
+    """
+    paths = [Path(baseline), Path(followup)]
+    scans: list[Scan | None] = [None, None]
+    for k, path in enumerate(paths):
+        if series_uids[k] is None and path.is_dir():
+            scans[k] = scan(path)
+    chosen: list[tuple[str | None, str | None]] = []
+    for k, path in enumerate(paths):
+        found, uid, note = scans[k], series_uids[k], None
+        if found is not None and len(found.series) > 1 and not found.orphans():
+            other = scans[1 - k]
+            own_date = dates[k] or context(path).date
+            others = [OtherVisit(dates[1 - k] or context(paths[1 - k]).date,
+                                 frozenset(s.uid for s in other.series) if other else frozenset())]
+            best, note = choose_series(found.series, timeline, path, date=own_date, others=others)
+            uid = best.uid
+        chosen.append((uid, note))
+    if chosen[0][0] is not None and chosen[0][0] == chosen[1][0]:
+        raise InputError(paths[1], f"baseline and follow-up would both use series {chosen[0][0]}")
+    images = []
+    for k, (path, (uid, note), label) in enumerate(zip(paths, chosen, ("--baseline-date", "--followup-date"))):
+        image = load_image(path, uid, allow_mixed_patients=allow_mixed_patients, settings=settings)
+        meta = dataclasses.replace(image.meta, series_choice=note) if note else image.meta
+        if dates[k] is not None:
+            given = dates[k].strftime("%Y%m%d")
+            if meta.study_date and meta.study_date != given:
+                log.warning("%s: %s %s overrides the date %s from %s", path, label, dates[k].isoformat(),
+                            meta.study_date, meta.study_date_source or "the header")
+            meta = dataclasses.replace(meta, study_date=given, study_date_source=label)
+        images.append(dataclasses.replace(image, meta=meta))
+    if not allow_mixed_patients:
+        check_same_patient(images[0], images[1])
+    return images[0], images[1]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from longitudinal.io import write_dicom_series
+from dicom_writer import write_dicom_series
 
 PYDICOM_DIR = Path(__import__("pydicom.data", fromlist=["get_testdata_file"]).get_testdata_file(
     "CT_small.dcm")).parent
@@ -52,6 +52,20 @@ def write_nifti(path: Path, volume: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=
     img.SetOrigin(origin)
     path.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(img, str(path))
+    return path
+
+
+def huge_png_header(path: Path, width: int = 10000, height: int = 10000) -> Path:
+    """A PNG whose header says width x height RGB; its pixel data is a stub (never read when refused)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
     return path
 
 

@@ -15,7 +15,8 @@ import SimpleITK as sitk
 
 from conftest import PYDICOM_DIR, smooth_volume, write_nifti, write_png
 from longitudinal.errors import InputError
-from longitudinal.io import Image, describe, load_image, save_image, scan_dicom, write_dicom_series
+from dicom_writer import write_dicom_series
+from longitudinal.io import Image, describe, load_image, save_image, scan_dicom
 
 OBLIQUE_IOP = (0.9659258, 0.2588190, 0.0, -0.2588190, 0.9659258, 0.0)  # 15 degrees about z
 
@@ -118,7 +119,7 @@ def test_folder_with_two_series_lists_them_and_series_uid_picks(tmp_path, series
     with pytest.raises(InputError) as err:
         load_image(tmp_path / "s")
     msg = str(err.value)
-    assert "2 image series" in msg and "series_uid=" in msg
+    assert "2 image series" in msg and "choose one with --series-uid (Python: series_uid=)" in msg
     assert "1.2.826.0.1.1 'T1 axial' MR 4 slices" in msg and "1.2.826.0.1.2 'T2 axial'" in msg
     np.testing.assert_array_equal(load_image(tmp_path / "s", series_uid="1.2.826.0.1.2").array, a + 5)
     assert load_image(tmp_path / "s", series_uid="1.2.826.0.1.1").meta.series_description == "T1 axial"

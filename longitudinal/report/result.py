@@ -124,6 +124,7 @@ def _visit_block(image: Image, role: str, context: OutputContext) -> dict:
     return {
         "role": role,
         "study_date": m.study_date,
+        "study_date_source": m.study_date_source,
         "study_time": m.study_time,
         "modality": m.modality,
         "series_description": description,
