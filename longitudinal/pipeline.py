@@ -23,16 +23,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import InputError
 
-# String settings that name a file (typed `str` in their dataclass); `Path` settings are recognised by type.
-FILE_KEYS = frozenset({"weights"})
-
-
-def _stage_classes() -> dict[str, type]:
-    # Imported here so that loading a pipeline does not import torch unless a stage needs it.
+if TYPE_CHECKING:
     from .encoding import EncoderSettings
     from .io import InputSettings
     from .masks import MaskSettings
@@ -40,32 +35,59 @@ def _stage_classes() -> dict[str, type]:
     from .registration import RegistrationSettings
     from .regions import RegionSettings
     from .scoring import ScoringSettings
+    from .timeline import TimelineSettings
 
-    return {
-        "input": InputSettings,
-        "masks": MaskSettings,
-        "registration": RegistrationSettings,
-        "preprocessing": PreprocessingSettings,
-        "encoding": EncoderSettings,
-        "regions": RegionSettings,
-        "scoring": ScoringSettings,
-    }
+# String settings that name a file (typed `str` in their dataclass); `Path` settings are recognised by type.
+FILE_KEYS = frozenset({"weights"})
+
+
+STAGES = ("input", "timeline", "masks", "registration", "preprocessing", "encoding", "regions", "scoring")
+
+
+def _stage_classes() -> dict[str, type]:
+    """Each stage's settings dataclass, by the name of its TOML table. Imported here so that loading a pipeline
+    does not import torch unless a stage needs it."""
+    from .encoding import EncoderSettings
+    from .io import InputSettings
+    from .masks import MaskSettings
+    from .preprocessing import PreprocessingSettings
+    from .registration import RegistrationSettings
+    from .regions import RegionSettings
+    from .scoring import ScoringSettings
+    from .timeline import TimelineSettings
+
+    classes = {"input": InputSettings, "timeline": TimelineSettings, "masks": MaskSettings,
+               "registration": RegistrationSettings, "preprocessing": PreprocessingSettings,
+               "encoding": EncoderSettings, "regions": RegionSettings, "scoring": ScoringSettings}
+    return {stage: classes[stage] for stage in STAGES}
+
+
+def _defaults(stage: str):
+    return field(default_factory=lambda: _stage_classes()[stage]())
 
 
 @dataclass(frozen=True)
 class Pipeline:
+    """A named set of settings, one dataclass per stage (a table the file leaves out gets its defaults)."""
+
     name: str
     version: str
-    description: str
-    modality: str
-    source: str
-    stages: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    modality: str = ""
+    source: str = ""
+    input: InputSettings = _defaults("input")
+    timeline: TimelineSettings = _defaults("timeline")
+    masks: MaskSettings = _defaults("masks")
+    registration: RegistrationSettings = _defaults("registration")
+    preprocessing: PreprocessingSettings = _defaults("preprocessing")
+    encoding: EncoderSettings = _defaults("encoding")
+    regions: RegionSettings = _defaults("regions")
+    scoring: ScoringSettings = _defaults("scoring")
 
-    def __getattr__(self, stage: str) -> Any:
-        try:
-            return self.__dict__["stages"][stage]
-        except KeyError:
-            raise AttributeError(stage) from None
+    @property
+    def stages(self) -> dict[str, object]:
+        """Every stage's settings by table name, in flow order (for printing, hashing and result.json)."""
+        return {stage: getattr(self, stage) for stage in STAGES}
 
 
 def available() -> dict[str, Traversable]:
@@ -113,14 +135,8 @@ def _parse(path: Path, text: str, data: dict) -> Pipeline:
     for extra in data:
         known = ", ".join(["name", "version", "description", "modality", *classes])
         raise InputError(path, f"line {_line_of(lines, None, extra)}: unknown key {extra!r} (known: {known})")
-    return Pipeline(
-        name=header["name"],
-        version=header["version"],
-        description=header["description"] or "",
-        modality=header["modality"] or "",
-        source=str(path),
-        stages=stages,
-    )
+    return Pipeline(name=header["name"], version=header["version"], description=header["description"] or "",
+                    modality=header["modality"] or "", source=str(path), **stages)
 
 
 def _build(path: Path, lines: list[str], stage: str, cls: type, table: dict) -> Any:

@@ -116,7 +116,7 @@ def test_model_with_a_mismatched_card_is_refused(pairs, tmp_path):
     with pytest.raises(InputError, match=r"m\.npz.*does not match the pipeline: pipeline is 'brain-mri' in the "
                                          r"model, 'generic-2d'"):
         load_model(path, load_pipeline("generic-2d"))
-    other_encoder = replace(brain, stages={**brain.stages, "encoding": replace(brain.encoding, name="efficientnet-lite2")})
+    other_encoder = replace(brain, encoding=replace(brain.encoding, name="efficientnet-lite2"))
     with pytest.raises(InputError, match="encoder is 'efficientnet-lite0' in the model, 'efficientnet-lite2'"):
         load_model(path, other_encoder)
     SiameseModel(net, (2.0, 2.0, 2.0), False, {}).save(path)

@@ -37,8 +37,8 @@ PATIENT_ID = "PSECRET-0042"
 PATIENT_NAME = "DOE^JANEWAY"
 THRESHOLD = 3.0
 
-TEST_PIPELINE = Pipeline(name="test-absdiff", version="0.1", description="test scaffolding", modality="",
-                         source="tests/test_report.py", stages={})
+TEST_PIPELINE = Pipeline(name="test-absdiff", version="0.1", description="test scaffolding",
+                         source="tests/test_report.py")
 
 
 def mni_path() -> Path:
