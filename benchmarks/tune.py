@@ -107,7 +107,8 @@ def score_cached(path: Path, overrides: dict, tags: dict) -> dict:
     from longitudinal.compare import findings_of
     from longitudinal.pipeline import load
     from longitudinal.regions import Region, nearby_components
-    from longitudinal.scoring import ChangeMaps, score_regions
+    from longitudinal.compare import scored_mask
+    from longitudinal.scoring import ChangeMaps, change_maps, feature_names, region_features, score_regions
 
     with np.load(path, allow_pickle=False) as z:
         doc = json.loads(str(z["meta"]))
@@ -122,13 +123,21 @@ def score_cached(path: Path, overrides: dict, tags: dict) -> dict:
     if doc["reason"] is not None:
         out.update(found=0, false_findings=0, score=-math.inf, volumes=[])
         return out
-    scoring = dataclasses.replace(load("brain-mri").scoring, **overrides)
+    pipeline = load("brain-mri")
+    scoring = dataclasses.replace(pipeline.scoring, **overrides)
     mask = arrays["mask"]
     regions = [Region(i + 1, "grid", (tuple(int(v) for v in a), tuple(int(v) for v in b)), None, (0.0,) * 3,
                       float(vol)) for i, (a, b, vol) in enumerate(zip(arrays["lo"], arrays["hi"], arrays["volumes"]))]
     spacing = tuple(doc["spacing_zyx"])
-    scores = score_regions(arrays["X"], tuple(doc["names"]), regions, mask, None, spacing, scoring)
-    maps = ChangeMaps({}, arrays["signed"], arrays["fine"])
+    if MAP_KEYS & set(overrides):  # the maps themselves change: recompute them from the cached visits
+        mask = scored_mask(mask, spacing, scoring.edge_margin_mm)
+        fb, ff = _features(path, arrays, pipeline) if "encoder" in scoring.maps else (None, None)
+        maps = change_maps(arrays["b"], arrays["f"], fb, ff, mask, spacing, scoring)
+        X, names = region_features(maps.maps, regions, mask, None), feature_names(maps.maps)
+    else:
+        X, names = arrays["X"], tuple(doc["names"])
+        maps = ChangeMaps({}, arrays["signed"], arrays["fine"], mask)
+    scores = score_regions(X, names, regions, mask, None, spacing, scoring)
     found, pair_score = findings_of(scores, regions, None, mask, maps, arrays["b"], arrays["f"], spacing, scoring)
     flagged = np.zeros(mask.shape, np.int32)
     for k, f in enumerate(found, start=1):
@@ -149,6 +158,25 @@ def score_cached(path: Path, overrides: dict, tags: dict) -> dict:
     out.update(found=len(hit), false_findings=n - len(true_comps), score=pair_score, volumes=volumes,
                threshold=scores.threshold)
     return out
+
+
+MAP_KEYS = {"maps", "smoothing_mm", "pool_mm", "surround_mm", "misalignment_mm", "edge_margin_mm"}
+
+
+def _features(path: Path, arrays: dict, pipeline):
+    """Encoder features of a cached pair's visits (cached beside it on first use)."""
+    from longitudinal.encoding import Encoder, FeatureMap
+
+    cache = path.with_suffix(".features.npz")
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            return tuple(FeatureMap(z[k], tuple(meta["stride"]), tuple(meta["shape"]), tuple(meta["stages"]))
+                         for k in ("b", "f"))
+    fb, ff, _ = Encoder(pipeline.encoding).encode_pair(arrays["b"], arrays["f"], arrays["mask"])
+    meta = {"stride": list(fb.stride), "shape": list(fb.input_shape), "stages": list(fb.stage_channels)}
+    np.savez(cache, meta=np.array(json.dumps(meta)), b=fb.data, f=ff.data)
+    return fb, ff
 
 
 def summarise(rows: list[dict]) -> dict:

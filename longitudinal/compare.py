@@ -244,6 +244,7 @@ def score_prepared(prepared: Prepared, detector: ChangeDetector | None = None,
     clock = time.perf_counter()
     X, names, regions, labels, maps = region_features_prepared(prepared, scoring, features_b, features_f, trained)
     spacing_zyx = tuple(reversed(baseline.spacing))
+    mask = maps.mask
     scores = score_regions(X, names, regions, mask, labels, spacing_zyx, scoring, detector, trained)
     timings["scoring"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
@@ -376,13 +377,26 @@ def region_features_prepared(prepared: Prepared, scoring: ScoringSettings, featu
         from .learned import change_probability
 
         extra["siamese"] = change_probability(trained, prepared).probability
-    maps = change_maps(b_arr, f_arr, features_b, features_f, prepared.mask, spacing_zyx, scoring, extra)
+    mask = scored_mask(prepared.mask, spacing_zyx, scoring.edge_margin_mm)
+    maps = change_maps(b_arr, f_arr, features_b, features_f, mask, spacing_zyx, scoring, extra)
     regions, labels = prepared.regions, prepared.labels
     if regions is None:
-        regions, labels = component_regions(prepared.baseline.itk, prepared.mask, combined_change(maps.maps),
+        regions, labels = component_regions(prepared.baseline.itk, mask, combined_change(maps.maps),
                                             prepared.pipeline.regions)
-    X = region_features(maps.maps, regions, prepared.mask, labels)
+    X = region_features(maps.maps, regions, mask, labels)
     return X, feature_names(maps.maps), regions, labels, maps
+
+
+def scored_mask(compared: np.ndarray, spacing_zyx, margin_mm: float) -> np.ndarray:
+    """The compared voxels at least `margin_mm` inside the compared region: at its outline (the brain's surface
+    against CSF and skull, the edge of a field of view) a fraction of a millimetre of residual misalignment or
+    distortion changes partial volumes everywhere, and a lesion is not made of that."""
+    if margin_mm <= 0 or not compared.any():
+        return compared
+    from scipy import ndimage
+
+    inside = ndimage.distance_transform_edt(np.pad(compared, 1), sampling=spacing_zyx)[(slice(1, -1),) * compared.ndim]
+    return inside > margin_mm
 
 
 def _on_grid(array: np.ndarray, reference: Image) -> Image:

@@ -90,6 +90,9 @@ class ScoringSettings:
     trim_min_volume_mm3: float = 4000.0  # ... if its cluster of suspect regions is at least this large (~16 mm cube)
     merge_mm: float = 3.0  # flagged tissue at most this far apart is one finding (a cube cut by a sulcus, a rim)
     candidate_margin: float = 1.0  # regions this far below the threshold are outlined too (for the pair score)
+    # voxels this close to the compared region's outline are not scored (the brain's surface, a field of view's
+    # edge: partial volumes there change with any residual misalignment)
+    edge_margin_mm: float = 0.0
     # a finding is the changed tissue: connected voxels of one sign at least this fraction of the change's plateau
     extent_fraction: float = 0.5
     min_change: float = 1.5  # ... and a change weaker than this (signed change, noise units) is not a finding
@@ -222,6 +225,7 @@ class ChangeMaps:
     maps: dict[str, np.ndarray]  # each robustly standardised inside the mask, higher = more change
     signed: np.ndarray  # pooled signed change in noise units (+: brighter at follow-up), 0 outside the mask
     fine: np.ndarray  # the same, smoothed but not pooled: where the changed tissue ends
+    mask: np.ndarray  # the voxels the maps were computed on (and that regions, scores and findings use)
 
 
 def change_maps(
@@ -250,7 +254,7 @@ def change_maps(
             maps[f"encoder_stage{k}"] = _robust_z(d, inside)
     for name, values in (extra or {}).items():
         maps[name] = _robust_z(values, inside)
-    return ChangeMaps(maps, signed, fine)
+    return ChangeMaps(maps, signed, fine, inside)
 
 
 # --------------------------------------------------------------------------- region features

@@ -73,14 +73,14 @@ def test_compare_refuses_a_10000_pixel_pair_in_one_line_within_seconds(tmp_path,
     print(f"refused in {seconds:.2f} s")  # a figure for the log, not an assert (benchmarks/ measures it)
 
 
-def test_a_write_that_fails_is_one_line_and_status_1(tmp_path, monkeypatch, capsys):
+def test_a_write_that_fails_is_one_line_and_status_3(tmp_path, monkeypatch, capsys):
     from longitudinal.errors import OutputError
 
     def full_disk(*args, **kwargs):
-        raise OutputError(tmp_path / "out" / "report.html", "No space left on device")
+        raise OutputError(f"{tmp_path / 'out' / 'report.html'}: not written: No space left on device")
 
     monkeypatch.setattr("longitudinal.timeline.load_pair", full_disk)
-    assert cli.main(["compare", "a.nii", "b.nii", "-o", str(tmp_path / "out")]) == 1
+    assert cli.main(["compare", "a.nii", "b.nii", "-o", str(tmp_path / "out")]) == 3  # cannot write: not bad input
     assert capsys.readouterr().err.strip().splitlines() == [
         f"longitudinal: error: {tmp_path / 'out' / 'report.html'}: not written: No space left on device"]
 

@@ -638,7 +638,7 @@ def test_compare_on_a_full_disk_says_so_in_one_line_and_exits_non_zero(tmp_path,
 
     base = tmp_path / "a.nii.gz"
     sitk.WriteImage(mni(6.0), str(base))
-    monkeypatch.setattr(longitudinal.compare, "compare", lambda b, f, p: dataclasses.replace(
+    monkeypatch.setattr(longitudinal.compare, "compare", lambda b, f, p, **kw: dataclasses.replace(
         make_comparison(b, f), regions=()))
     real = os.replace
 
@@ -679,7 +679,7 @@ def test_a_new_output_is_one_writer_and_its_files_are_checked_and_listed(tmp_pat
 def test_the_series_used_and_loader_notes_are_shown_and_deidentified(tmp_path):
     c = comparison_3d()
     m = dataclasses.replace(c.followup.meta, series_choice=f"series 3 of 4 ({PATIENT_NAME} T1), the largest",
-                            notes=(f"downsampled from 0.5 mm (/data/{PATIENT_ID}/t1)",))
+                            downsampled=f"downsampled from 0.5 mm (/data/{PATIENT_ID}/t1)")
     c = dataclasses.replace(c, followup=Image(c.followup.itk, m), regions=c.regions[:1])
     report.write_outputs(c, tmp_path / "plain")
     text = _text(_page(tmp_path / "plain"))
@@ -700,7 +700,7 @@ def test_compare_of_a_pair_that_cannot_be_compared_exits_0_with_the_verdict_in_r
     sitk.WriteImage(mni(6.0), str(base))
     reason = "registration failed its quality control (low similarity: NCC 0.35 < 0.7)"
 
-    def failed_registration(b, f, p):
+    def failed_registration(b, f, p, **kw):
         return dataclasses.replace(make_comparison(b, f), verdict="not comparable", reason=reason, regions=(),
                                    progression=False, progression_score=None)
 
