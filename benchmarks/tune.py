@@ -27,6 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import median_abs_deviation
 
 VARIANTS: dict[str, dict] = {
     "base": {},
@@ -70,7 +71,7 @@ def cache_pair(args: tuple[Path, str, str, str, Path]) -> str:
            else dice(sitk.GetArrayFromImage(roi) > 0, sitk.GetArrayFromImage(brain) > 0),
            "qc": prepared.registration.qc.to_dict(),
            "sizes": {str(k): v for k, v in truth.sizes.items()}, "reason": prepared.reason,
-           "baseline": baseline_id, "spacing_zyx": list(reversed(baseline.spacing))}
+           "baseline": baseline_id, "signed_units": "noise", "spacing_zyx": list(reversed(baseline.spacing))}
     arrays: dict[str, np.ndarray] = {}
     if prepared.reason is None:
         scoring = pipeline.scoring
@@ -136,7 +137,10 @@ def score_cached(path: Path, overrides: dict, tags: dict) -> dict:
         X, names = region_features(maps.maps, regions, mask, None), feature_names(maps.maps)
     else:
         X, names = arrays["X"], tuple(doc["names"])
-        maps = ChangeMaps({}, arrays["signed"], arrays["fine"], mask)
+        signed = arrays["signed"]
+        if doc.get("signed_units") != "noise":  # caches made before the pooled change was standardised
+            signed = signed / max(float(median_abs_deviation(signed[mask], scale="normal")), 1e-12)
+        maps = ChangeMaps({}, signed, arrays["fine"], mask)
     scores = score_regions(X, names, regions, mask, None, spacing, scoring)
     found, pair_score = findings_of(scores, regions, None, mask, maps, arrays["b"], arrays["f"], spacing, scoring)
     flagged = np.zeros(mask.shape, np.int32)

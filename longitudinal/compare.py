@@ -317,7 +317,7 @@ def findings_of(scores: PairScores, regions: list[Region], labels: np.ndarray | 
     candidates = outline(candidate_voxels, maps.signed, maps.fine, mask, region_of_voxel, scores.region_scores,
                          baseline_gray,
                          followup_gray, spacing_zyx, scoring.merge_mm, scoring.extent_fraction,
-                         scoring.min_change, scoring.extent_floor)
+                         scoring.min_change, scoring.extent_floor, scoring.relative_change, scoring.min_volume_mm3)
     found = [c for c in candidates if c.score > scores.threshold]
     pair_score = candidates[0].score if candidates else min(floor, float(scores.region_scores.max(initial=floor)))
     return found, float(pair_score)

@@ -23,7 +23,7 @@ import contextlib
 import math
 from dataclasses import dataclass, field
 from os import PathLike
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from torch import nn
 
 from .backbones import BACKBONE_NAMES, Backbone, family_of, make_backbone, packaged_weights, weights_checksum
 from .errors import InputError
+from .settings import check, require
 
 __all__ = ["ENCODER_NAMES", "Encoder", "EncoderSettings", "FeatureMap", "intensity_window", "packaged_weights",
            "scale_to_unit", "weights_checksum"]
@@ -51,9 +52,9 @@ class EncoderSettings:
     # (1, 2, 4 = stride 4, 8, 16; 24 / 40 / 112 channels for lite0). ResNets: layer number (1..4).
     # None: (1, 2, 4) resp. (1, 2).
     stages: tuple[int, ...] | None = None
-    mode: str = "2d"  # "2d" (slices along slice_axis) | "2.5d" (all three axes) | "3d" (ResNets only)
-    slice_axis: int = 0  # axis of the (z, y, x) array that 2D mode slices along
-    combine: str = "mean"  # 2.5d: "mean" or "concat" the three passes
+    mode: Literal["2d", "2.5d", "3d"] = "2d"  # slices along slice_axis | all three axes | 3D (ResNets only)
+    slice_axis: Literal[0, 1, 2] = 0  # axis of the (z, y, x) array that 2D mode slices along
+    combine: Literal["mean", "concat"] = "mean"  # 2.5d: "mean" or "concat" the three passes
     grid_stride: int = 4  # voxels per feature cell, every axis (power of two)
     zoom: int = 1  # in-plane upsampling before the 2D network: finer features for small lesions, zoom**2 cost
     batch_size: int = 8  # slices per forward pass (2D; 3D runs one window at a time); memory ~ batch
@@ -65,30 +66,22 @@ class EncoderSettings:
     seed: int = 0  # initialisation of "random"
 
     def __post_init__(self) -> None:
-        if self.stages is not None:  # TOML gives lists
-            object.__setattr__(self, "stages", tuple(int(s) for s in self.stages))
-        if self.weights is not None:
+        if self.weights is not None and not isinstance(self.weights, str):  # a Path from the Python API
             object.__setattr__(self, "weights", str(self.weights))
-        if self.name not in ENCODER_NAMES:
-            raise ValueError(f"encoder name {self.name!r} is not one of {', '.join(ENCODER_NAMES)}")
+        check(self)
+        require(self.name in ENCODER_NAMES, "name", f"must be one of {', '.join(ENCODER_NAMES)}, got {self.name!r}")
         is_3d_net = family_of(self.name).spatial_dims == 3
-        if self.mode not in ("2d", "2.5d", "3d"):
-            raise ValueError(f"mode {self.mode!r} must be '2d', '2.5d' or '3d'")
-        if is_3d_net != (self.mode == "3d"):
-            raise ValueError(f"{self.name} runs in mode {'3d' if is_3d_net else '2d or 2.5d'}, not {self.mode!r}")
-        if self.combine not in ("mean", "concat"):
-            raise ValueError(f"combine {self.combine!r} must be 'mean' or 'concat'")
-        if self.slice_axis not in (0, 1, 2):
-            raise ValueError(f"slice_axis {self.slice_axis} must be 0, 1 or 2")
-        if self.grid_stride < 1 or self.grid_stride & (self.grid_stride - 1):
-            raise ValueError(f"grid_stride {self.grid_stride} must be a power of two")
-        if self.zoom < 1 or self.batch_size < 1 or self.threads < 1:
-            raise ValueError("zoom, batch_size and threads must be >= 1")
-        if self.patch % _WINDOW_MULTIPLE or self.patch % self.grid_stride:
-            raise ValueError(f"patch {self.patch} must be a multiple of 32 and of grid_stride")
-        if not 0.0 <= self.overlap < 1.0 or int(self.patch * (1 - self.overlap)) % self.grid_stride:
-            raise ValueError(f"overlap {self.overlap} must be in [0, 1) with patch * (1 - overlap) a multiple "
-                             "of grid_stride (windows must start on cell boundaries)")
+        require(is_3d_net == (self.mode == "3d"), "mode",
+                f"{self.name} runs in mode {'3d' if is_3d_net else '2d or 2.5d'}, not {self.mode!r}")
+        require(self.grid_stride >= 1 and not self.grid_stride & (self.grid_stride - 1), "grid_stride",
+                f"must be a power of two, got {self.grid_stride}")
+        for key in ("zoom", "batch_size", "threads"):
+            require(getattr(self, key) >= 1, key, "must be >= 1")
+        require(not (self.patch % _WINDOW_MULTIPLE or self.patch % self.grid_stride), "patch",
+                f"must be a multiple of 32 and of grid_stride, got {self.patch}")
+        require(0.0 <= self.overlap < 1.0 and not int(self.patch * (1 - self.overlap)) % self.grid_stride,
+                "overlap", "must be in [0, 1) with patch * (1 - overlap) a multiple of grid_stride (windows "
+                "must start on cell boundaries)")
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,12 +1,11 @@
 """Findings shaped like the change: high-scoring regions turned into the changed tissue they hold, measured.
 
 A region is a cube (or a label, or a blob) that scored high; the lesion inside it is usually much smaller. So
-each group of high-scoring regions becomes one finding whose voxels are the changed tissue itself: connected to
-the strongest change in the group, of the same sign, and at least half as strong as the change's plateau (the
-median of what is at least half the peak: the half-level contour of a blurred edge sits where the edge was,
-and a truth mask is drawn at half partial volume), within the group grown by the merge distance. Volume,
-largest diameter and mean signed change are measured on those voxels. A group whose strongest change is too
-weak to measure holds no changed tissue and is not a finding.
+the findings are the pieces of changed tissue inside groups of high-scoring regions: connected voxels of one
+sign, at least half as strong as the piece's plateau (the median of what is at least half its peak: the
+half-level contour of a blurred edge sits where the edge was, and a truth mask is drawn at half partial
+volume). Volume, largest diameter and mean signed change are measured on those voxels. A group whose tissue
+did not measurably change (the detector found it unusual, but nothing changed) gives no finding.
 """
 
 from __future__ import annotations
@@ -35,16 +34,22 @@ class Finding:
 
 def outline(groups_of: np.ndarray, signed: np.ndarray, fine: np.ndarray, inside: np.ndarray,
             region_of_voxel: np.ndarray, region_scores: np.ndarray, baseline: np.ndarray, followup: np.ndarray,
-            spacing_zyx, merge_mm: float, extent_fraction: float = 0.5, min_abs_change: float = 1.5,
-            extent_floor: float = 2.0) -> list[Finding]:
+            spacing_zyx, merge_mm: float, extent_fraction: float = 0.5, min_change: float = 4.0,
+            extent_floor: float = 2.0, relative_change: float = 0.0, min_volume_mm3: float = 0.0) -> list[Finding]:
     """Findings of a pair, highest score first.
 
-    groups_of: voxels of the regions to turn into findings; signed: pooled signed change in noise units (whether
-    and where the tissue changed); fine: the same change unpooled (where the changed tissue ends);
-    region_of_voxel: index of the highest-scoring region holding each voxel (-1 outside every region);
-    baseline/followup: harmonised images (gray) the mean change is measured on. Pieces up to `merge_mm` apart
-    are one finding. A group whose strongest change stays below `min_abs_change` noise units is dropped; the
-    changed tissue is where `fine` reaches `extent_fraction` of the plateau and at least `extent_floor` (noise)."""
+    groups_of: voxels of the regions to turn into findings; signed: the pooled signed change in units of its own
+    noise (whether a piece of tissue changed at all); fine: the signed change smoothed but not pooled, in noise
+    units (where the changed tissue ends); region_of_voxel: index of the highest-scoring region holding each
+    voxel (-1 outside every region); baseline/followup: harmonised images (gray) the mean change is measured on.
+
+    Within each group of regions (pieces up to `merge_mm` apart), every piece of tissue that changed one way by
+    more than `extent_floor` is a candidate; it is a finding when its pooled change reaches `min_change` (noise
+    is pooled away, a lesion's change is not) and it touches the group's regions. Its voxels are those reaching
+    `extent_fraction` of its plateau; its score is the best score of the regions holding them. So two lesions
+    in one group are two findings, and a group with no measurable change of its tissue gives none. Pieces whose
+    pooled change is under `relative_change` times the group's strongest (the halo harmonisation leaves around
+    a strong lesion, noise beside it) or smaller than `min_volume_mm3` are left out."""
     spacing = np.asarray(spacing_zyx, float)
     voxel_mm3 = float(np.prod(spacing))
     steps = max(1, round(merge_mm / 2 / float(spacing.min())))  # both pieces grow by half the gap
@@ -58,31 +63,38 @@ def outline(groups_of: np.ndarray, signed: np.ndarray, fine: np.ndarray, inside:
         box = tuple(slice(max(0, b.start - steps), min(n, b.stop + steps)) for b, n in zip(box, groups.shape))
         offset = np.array([b.start for b in box])
         members = groups[box] == k
-        owners = region_of_voxel[box][members]
-        owners = owners[owners >= 0]
-        best = int(owners[np.argmax(region_scores[owners])]) if owners.size else -1
         zone = ndimage.binary_dilation(members, structure, iterations=steps) & inside[box]
-        strength = np.where(zone, signed[box], 0.0)
-        peak = np.unravel_index(int(np.argmax(np.where(members, np.abs(strength), 0.0))), strength.shape)
-        if abs(float(strength[peak])) < min_abs_change:
-            continue  # unusual, but without a measurable change of its tissue: not a finding
-        sign = 1.0 if strength[peak] >= 0 else -1.0
-        detail = sign * np.where(zone, fine[box], 0.0)
-        core = zone & (sign * strength >= 0.5 * abs(float(strength[peak])))
-        plateau = float(np.median(detail[core]))
-        candidate = zone & (detail >= max(extent_floor, extent_fraction * plateau))
-        labels, _ = ndimage.label(candidate, structure)
-        # the changed tissue: the piece holding the strongest unpooled change of the core
-        seed = np.unravel_index(int(np.argmax(np.where(core & candidate, detail, -np.inf))), detail.shape)
-        tissue = labels == labels[seed] if candidate[seed] else (labels > 0) & core
-        b, f = baseline[box][tissue].astype(np.float64), followup[box][tissue].astype(np.float64)
-        mean_b = float(b.mean())
-        change = 100.0 * (float(f.mean()) - mean_b) / abs(mean_b) if abs(mean_b) > 1e-12 else math.nan
-        voxels = np.argwhere(tissue) + offset
-        out.append(Finding(voxels=voxels, peak=tuple(int(v) for v in np.add(peak, offset)),
-                           volume_mm3=len(voxels) * voxel_mm3, diameter_mm=largest_extent(voxels, spacing),
-                           mean_change_pct=change, score=float(region_scores[best]) if best >= 0 else math.nan,
-                           region=best))
+        owner = region_of_voxel[box]
+        strongest = float(np.abs(np.where(zone, signed[box], 0.0)).max())
+        for sign in (1.0, -1.0):
+            detail = sign * np.where(zone, fine[box], 0.0)
+            pooled = sign * np.where(zone, signed[box], 0.0)
+            pieces, n = ndimage.label(detail >= extent_floor, structure)
+            for piece in range(1, n + 1):
+                where = pieces == piece
+                peak = float(pooled[where].max())
+                if peak < max(min_change, relative_change * strongest) or not (where & members).any():
+                    continue
+                peak_fine = float(detail[where].max())
+                plateau = float(np.median(detail[where & (detail >= 0.5 * peak_fine)]))
+                tissue = where & (detail >= max(extent_floor, extent_fraction * plateau))
+                labels, _ = ndimage.label(tissue, structure)
+                seed = np.unravel_index(int(np.argmax(np.where(where, detail, -np.inf))), detail.shape)
+                tissue = labels == labels[seed]
+                if tissue.sum() * voxel_mm3 < min_volume_mm3:
+                    continue
+                regions = owner[tissue]
+                regions = regions[regions >= 0]
+                best = int(regions[np.argmax(region_scores[regions])]) if regions.size else -1
+                if best < 0:
+                    continue
+                b, f = baseline[box][tissue].astype(np.float64), followup[box][tissue].astype(np.float64)
+                mean_b = float(b.mean())
+                change = 100.0 * (float(f.mean()) - mean_b) / abs(mean_b) if abs(mean_b) > 1e-12 else math.nan
+                voxels = np.argwhere(tissue) + offset
+                out.append(Finding(voxels=voxels, peak=tuple(int(v) for v in np.add(seed, offset)),
+                                   volume_mm3=len(voxels) * voxel_mm3, diameter_mm=largest_extent(voxels, spacing),
+                                   mean_change_pct=change, score=float(region_scores[best]), region=best))
     return sorted(out, key=lambda f: -f.score if math.isfinite(f.score) else math.inf)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .io import Image
+from .settings import check, require
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,10 @@ class MaskSettings:
     brain_max_ml: float = 2600.0
 
     def __post_init__(self) -> None:
-        if self.method not in ("otsu", "threshold", "none"):
-            raise ValueError(f"method must be 'otsu', 'threshold' or 'none', not {self.method!r}")
-        if self.closing_mm < 0 or self.brain_work_mm <= 0 or not 0 < self.brain_min_ml < self.brain_max_ml:
-            raise ValueError("closing_mm >= 0, brain_work_mm > 0 and 0 < brain_min_ml < brain_max_ml are required")
+        check(self)
+        require(self.closing_mm >= 0, "closing_mm", "must be >= 0")
+        require(self.brain_work_mm > 0, "brain_work_mm", "must be > 0")
+        require(0 < self.brain_min_ml < self.brain_max_ml, "brain_min_ml", "0 < brain_min_ml < brain_max_ml")
 
 
 def luminance(itk: sitk.Image) -> sitk.Image:

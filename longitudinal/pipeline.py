@@ -17,15 +17,14 @@ import dataclasses
 import os
 import re
 import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import InputError
+from .settings import SettingError
 
 if TYPE_CHECKING:
     from .encoding import EncoderSettings
@@ -139,69 +138,21 @@ def _parse(path: Path, text: str, data: dict) -> Pipeline:
                     modality=header["modality"] or "", source=str(path), **stages)
 
 
-def _build(path: Path, lines: list[str], stage: str, cls: type, table: dict) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for key, value in table.items():
-        where = f"line {_line_of(lines, stage, key)}: [{stage}] {key}"
+def _build(path: Path, lines: list[str], stage: str, cls: type, table: dict) -> object:
+    """A stage's settings from its TOML table; a bad value is one line naming the file, the line and the key.
+    The rules live in the settings class (`settings.check` and its `require`s), not here."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in table:
         if key not in fields:
-            raise InputError(path, f"{where}: unknown key (known: {', '.join(fields)})")
-        try:
-            values[key] = _coerce(value, hints[key])
-        except (TypeError, ValueError) as exc:
-            raise InputError(path, f"{where}: {exc}") from None
-        if isinstance(values[key], Path) or (key in FILE_KEYS and isinstance(values[key], str)):
-            values[key] = _relative_to(path, values[key])
+            raise InputError(path, f"line {_line_of(lines, stage, key)}: [{stage}] {key}: unknown key "
+                                   f"(known: {', '.join(fields)})")
     try:
-        return cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise InputError(path, f"[{stage}]: {exc}") from None
-
-
-def _coerce(value: Any, hint: Any) -> Any:
-    """Check a TOML value against a dataclass field's type; TOML arrays become tuples."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(hint):
-            try:
-                return _coerce(value, option)
-            except (TypeError, ValueError) as exc:
-                errors.append(str(exc))
-        raise TypeError(" or ".join(errors))
-    if hint is type(None):
-        raise TypeError(f"expected nothing, got {value!r}")
-    if origin is typing.Literal:
-        if value not in typing.get_args(hint):
-            raise ValueError(f"must be one of {', '.join(map(repr, typing.get_args(hint)))}, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise TypeError(f"expected an array, got {value!r}")
-        args = typing.get_args(hint)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0]) for v in value)
-        if len(args) != len(value):
-            raise ValueError(f"expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(v, a) for v, a in zip(value, args))
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"expected a number, got {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"expected an integer, got {value!r}")
-        return value
-    if hint in (str, bool):
-        if not isinstance(value, hint):
-            raise TypeError(f"expected {hint.__name__}, got {value!r}")
-        return value
-    if hint is Path:
-        if not isinstance(value, str):
-            raise TypeError(f"expected a path string, got {value!r}")
-        return Path(value)
-    return value
+        built = cls(**table)
+        files = {f.name: _relative_to(path, getattr(built, f.name)) for f in dataclasses.fields(cls)
+                 if f.name in table and (isinstance(getattr(built, f.name), Path) or f.name in FILE_KEYS)}
+        return dataclasses.replace(built, **files) if files else built
+    except SettingError as exc:
+        raise InputError(path, f"line {_line_of(lines, stage, exc.key)}: [{stage}] {exc.key}: {exc.message}") from None
 
 
 def _relative_to(pipeline_file: Path, value: str | Path) -> str | Path:

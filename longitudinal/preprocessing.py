@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import SimpleITK as sitk
@@ -17,11 +18,13 @@ from scipy.stats import median_abs_deviation
 
 from .errors import InputError
 from .io import Image
+from .settings import check, choices, require
 from .masks import foreground_mask, luminance, mask_array
 
 log = logging.getLogger(__name__)
 
-HARMONISATIONS = ("histogram", "zscore", "none")
+Harmonisation = Literal["histogram", "zscore", "none"]
+HARMONISATIONS = choices(Harmonisation)
 LOCAL_WORK_VOXELS = 2_000_000  # the residual curve and shading of larger images are fitted on a shrunk copy
 
 
@@ -32,7 +35,7 @@ class PreprocessingSettings:
     n4: bool = False  # N4 bias-field correction (MR); off for CT and photographs
     n4_shrink: int = 4  # N4 is fitted on an image shrunk this much, then applied at full size
     n4_iterations: tuple[int, ...] = (50, 50, 30)  # per fitting level
-    harmonisation: str = "histogram"  # "histogram" | "zscore" | "none"
+    harmonisation: Harmonisation = "histogram"
     histogram_match_points: int = 32  # quantiles matched between the tails
     histogram_tail_pct: float = 0.5  # percent of each tail left out of the match (new lesions live there)
     # After histogram matching, what still differs smoothly between the visits is divided out of the follow-up:
@@ -47,16 +50,12 @@ class PreprocessingSettings:
     ct: bool | None = None  # CT handling (window, no matching); None: when either image's modality is CT
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "n4_iterations", tuple(int(i) for i in self.n4_iterations))
-        object.__setattr__(self, "ct_window", tuple(float(v) for v in self.ct_window))
-        if self.harmonisation not in HARMONISATIONS:
-            raise ValueError(f"harmonisation must be one of {HARMONISATIONS}, not {self.harmonisation!r}")
-        if len(self.ct_window) != 2 or self.ct_window[0] >= self.ct_window[1]:
-            raise ValueError(f"ct_window must be (low, high) with low < high, not {self.ct_window}")
-        if self.n4_shrink < 1 or not self.n4_iterations:
-            raise ValueError("n4_shrink must be >= 1 and n4_iterations non-empty")
-        if self.local_correction_mm < 0 or self.curve_bins < 0:
-            raise ValueError("local_correction_mm and curve_bins must be >= 0")
+        check(self)
+        require(self.ct_window[0] < self.ct_window[1], "ct_window", f"must be (low, high) with low < high, not {self.ct_window}")
+        require(self.n4_shrink >= 1, "n4_shrink", "must be >= 1")
+        require(bool(self.n4_iterations), "n4_iterations", "must not be empty")
+        require(self.local_correction_mm >= 0, "local_correction_mm", "must be >= 0")
+        require(self.curve_bins >= 0, "curve_bins", "must be >= 0")
 
 
 def _name(image: Image) -> str | None:

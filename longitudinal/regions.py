@@ -10,6 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .settings import check, require
 
 
 @dataclass(frozen=True)
@@ -28,9 +29,9 @@ class RegionSettings:
     component_min_mm3: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("grid", "labels", "components"):
-            raise ValueError(f"kind {self.kind!r} must be 'grid', 'labels' or 'components'")
-        object.__setattr__(self, "label_names", tuple(self.label_names))
+        check(self)
+        require(self.size_mm > 0, "size_mm", "must be > 0")
+        require(0.0 <= self.overlap < 1.0, "overlap", "must be in [0, 1)")
 
 
 @dataclass(frozen=True)

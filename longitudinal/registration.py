@@ -23,29 +23,32 @@ import time
 from dataclasses import asdict, dataclass, field
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .io import Image, atomic_write, atomic_write_text
+from .io import Image, OutputError, atomic_write, atomic_write_text, save_image
+from .settings import check, choices, require
 from .masks import MaskSettings, dilate, foreground_mask, luminance
 
 log = logging.getLogger(__name__)
 
-STAGES = ("rigid", "affine", "bspline")
-INITS = ("geometry", "moments", "physical", "best")
-OPTIMIZERS = ("regular_step", "gradient_descent")
+Stage = Literal["rigid", "affine", "bspline"]
+Init = Literal["geometry", "moments", "physical", "best"]
+Optimizer = Literal["regular_step", "gradient_descent"]
+STAGES, INITS, OPTIMIZERS = choices(Stage), choices(Init), choices(Optimizer)
 
 
 @dataclass(frozen=True)
 class RegistrationSettings:
     """Registration settings; a `[registration]` TOML table sets these by name."""
 
-    stages: tuple[str, ...] = ("rigid", "affine")  # add "bspline" for a bounded deformable stage
+    stages: tuple[Stage, ...] = ("rigid", "affine")  # add "bspline" for a bounded deformable stage
     # "geometry": image centres; "moments": intensity centroids; "physical": scanner coordinates
     # as they are; "best": try all three and keep the one with the best MI.
-    init: str = "best"
+    init: Init = "best"
     metric_bins: int = 32
     sampling_fraction: float = 0.01  # fraction of in-mask voxels sampled (same count at every level)
     min_samples: int = 5_000  # but at least this many samples per level (small images)
@@ -54,7 +57,7 @@ class RegistrationSettings:
     iterations: int = 200  # per level, for each linear stage; 0 skips optimisation
     learning_rate: float = 2.0  # initial step (about mm, since scales come from physical shifts)
     min_step: float = 1e-3  # regular-step optimiser stops below this step
-    optimizer: str = "regular_step"  # "regular_step" | "gradient_descent"
+    optimizer: Optimizer = "regular_step"
     # With both linear stages, rigid runs on all but the finest level and affine on the two finest:
     # rigid gets the capture range, affine the detail, and each pyramid level costs time.
     split_levels: bool = True
@@ -83,23 +86,17 @@ class RegistrationSettings:
     fov_margin_mm: float = 2.0  # voxels this close to the edge of either field of view are not compared
 
     def __post_init__(self) -> None:
-        for name in ("stages", "shrink_factors", "smoothing_sigmas_mm", "bspline_shrink_factors", "bspline_smoothing_sigmas_mm"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        bad = [s for s in self.stages if s not in STAGES]
-        if bad or not self.stages:
-            raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {self.stages}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, not {self.init!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}")
-        if len(self.shrink_factors) != len(self.smoothing_sigmas_mm) or not self.shrink_factors:
-            raise ValueError("shrink_factors and smoothing_sigmas_mm need the same, non-zero length")
-        if len(self.bspline_shrink_factors) != len(self.bspline_smoothing_sigmas_mm) or not self.bspline_shrink_factors:
-            raise ValueError("bspline_shrink_factors and bspline_smoothing_sigmas_mm need the same, non-zero length")
-        if not (0.0 < self.sampling_fraction <= 1.0 and 0.0 < self.bspline_sampling_fraction <= 1.0):
-            raise ValueError("sampling fractions must be in (0, 1]")
-        if self.iterations < 0 or self.bspline_iterations < 0 or self.metric_bins < 4:
-            raise ValueError("iterations must be >= 0 and metric_bins >= 4")
+        check(self)
+        require(bool(self.stages), "stages", f"must name at least one of {', '.join(STAGES)}")
+        require(len(self.shrink_factors) == len(self.smoothing_sigmas_mm) > 0, "shrink_factors",
+                "shrink_factors and smoothing_sigmas_mm need the same, non-zero length")
+        require(len(self.bspline_shrink_factors) == len(self.bspline_smoothing_sigmas_mm) > 0,
+                "bspline_shrink_factors",
+                "bspline_shrink_factors and bspline_smoothing_sigmas_mm need the same, non-zero length")
+        require(0.0 < self.sampling_fraction <= 1.0, "sampling_fraction", "must be in (0, 1]")
+        require(0.0 < self.bspline_sampling_fraction <= 1.0, "bspline_sampling_fraction", "must be in (0, 1]")
+        require(self.iterations >= 0 and self.bspline_iterations >= 0, "iterations", "must be >= 0")
+        require(self.metric_bins >= 4, "metric_bins", "must be >= 4")
 
 
 @dataclass(frozen=True)
@@ -186,13 +183,24 @@ class Registration:
         return inside
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write registered.nii.gz, transform.tfm and qc.json into folder, each atomically."""
+        """Write registered.nii.gz, transform.tfm and qc.json into folder, each atomically and read back."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / "registered.nii.gz", lambda p: sitk.WriteImage(self.registered.itk, p, True))
-        atomic_write(folder / "transform.tfm", lambda p: sitk.WriteTransform(self.transform, p))
+        save_image(self.registered, folder / "registered.nii.gz")
+        atomic_write(folder / "transform.tfm", lambda p: sitk.WriteTransform(self.transform, p),
+                     verify=lambda p: _check_transform(p, self.transform))
         atomic_write_text(folder / "qc.json", json.dumps(self.qc.to_dict(), indent=2) + "\n")
         return folder
+
+
+def _check_transform(path: Path, written: sitk.Transform) -> None:
+    """A written transform file must read back with the parameters it was written with."""
+    try:
+        back = sitk.ReadTransform(str(path))
+    except RuntimeError as exc:
+        raise OutputError(f"{path}: not written: the transform does not read back ({str(exc).strip()[-120:]})")
+    if not np.allclose(back.GetParameters(), written.GetParameters()):
+        raise OutputError(f"{path}: not written: the transform reads back with other parameters")
 
 
 def load_transform(path: str | os.PathLike) -> sitk.Transform:

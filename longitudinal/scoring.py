@@ -43,10 +43,12 @@ from .encoding import FeatureMap
 from .errors import InputError
 from .preprocessing import masked_smooth
 from .regions import Region, box_sums
+from .settings import check, choices, require
 
 log = logging.getLogger(__name__)
 
-MAP_KINDS = ("intensity", "subtraction", "encoder")
+MapKind = Literal["intensity", "subtraction", "encoder"]
+MAP_KINDS = choices(MapKind)
 MAX_SCORE = 300.0  # -log10 of the smallest p-value reported
 # Generalized Pareto shape cap. The fitted shape of sample brain pairs reaches it (heavier fitted tails come from a
 # handful of extreme regions), so the cap sets how hard far-out regions are compressed: at 0.5 a small lesion's
@@ -76,7 +78,7 @@ class ScoringSettings:
     model: Path | None = None
     # Change maps the detector sees: "intensity" (bias- and misalignment-tolerant log ratio), "encoder"
     # (per-stage feature distance), "subtraction" (plain |F - B| after harmonisation: the naive baseline).
-    maps: tuple[str, ...] = ("intensity", "encoder")
+    maps: tuple[MapKind, ...] = ("intensity", "encoder")
     smoothing_mm: float = 1.0  # pooling of the intensity maps, against single-voxel noise
     pool_mm: float = 1.5  # pooling of the signed intensity change over about a small lesion's radius
     # > 0: the pooled change minus its surround pooled this wide (a centre-surround filter): shading of 5-10 mm
@@ -95,33 +97,30 @@ class ScoringSettings:
     edge_margin_mm: float = 0.0
     # a finding is the changed tissue: connected voxels of one sign at least this fraction of the change's plateau
     extent_fraction: float = 0.5
-    min_change: float = 1.5  # ... and a change weaker than this (signed change, noise units) is not a finding
+    # ... a piece whose pooled change stays below this (in units of the pooled noise) did not change measurably
+    min_change: float = 4.0
     extent_floor: float = 2.0  # changed tissue is at least this far out of the unpooled noise (noise units)
+    relative_change: float = 0.0  # pieces under this fraction of their group's strongest change are left out
+    min_volume_mm3: float = 0.0  # ... and pieces of changed tissue smaller than this
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "maps", tuple(self.maps))
-        for name in ("normative_model", "model"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, Path(getattr(self, name)))
+        check(self)
         from .detectors import DETECTORS, SUPERVISED
 
-        if self.detector not in DETECTORS:
-            raise ValueError(f"detector {self.detector!r} must be one of {', '.join(sorted(DETECTORS))}")
-        if (self.detector in SUPERVISED) != (self.model is not None):
-            raise ValueError(f"detector {self.detector!r} " + ("needs a trained model: model = \"PATH\""
-                             if self.detector in SUPERVISED else "takes no trained model (model is for "
-                             + ", ".join(SUPERVISED) + ")"))
-        if not self.maps or any(m not in MAP_KINDS for m in self.maps):
-            raise ValueError(f"maps {self.maps!r} must be a non-empty subset of {MAP_KINDS}")
-        if not self.false_findings_per_pair > 0.0:
-            raise ValueError(f"false_findings_per_pair {self.false_findings_per_pair} must be > 0")
-        if self.tail_shape is not None and not 0.0 <= self.tail_shape < 1.0:
-            raise ValueError(f"tail_shape {self.tail_shape} must be None or in [0, 1)")
-        if self.surround_mm and self.surround_mm <= self.pool_mm:
-            raise ValueError(f"surround_mm {self.surround_mm} must be 0 (off) or wider than pool_mm {self.pool_mm}")
-        if not 0.0 < self.tail_fraction < 1.0 or self.max_fit_regions < 10:
-            raise ValueError("tail_fraction must be in (0, 1) and max_fit_regions >= 10")
+        require(self.detector in DETECTORS, "detector", f"must be one of {', '.join(sorted(DETECTORS))}, got "
+                f"{self.detector!r}")
+        require((self.detector in SUPERVISED) == (self.model is not None), "model" if self.model else "detector",
+                f"detector {self.detector!r} " + ("needs a trained model: model = \"PATH\""
+                if self.detector in SUPERVISED else "takes no trained model (model is for "
+                + ", ".join(SUPERVISED) + ")"))
+        require(bool(self.maps), "maps", f"must name at least one of {', '.join(MAP_KINDS)}")
+        require(self.false_findings_per_pair > 0.0, "false_findings_per_pair", "must be > 0")
+        require(self.tail_shape is None or 0.0 <= self.tail_shape < 1.0, "tail_shape", "must be in [0, 1)")
+        require(not self.surround_mm or self.surround_mm > self.pool_mm, "surround_mm",
+                f"must be 0 (off) or wider than pool_mm {self.pool_mm}")
+        require(0.0 < self.tail_fraction < 1.0, "tail_fraction", "must be in (0, 1)")
+        require(self.max_fit_regions >= 10, "max_fit_regions", "must be >= 10")
 
     def false_alarm_rate(self, n_independent: float) -> float:
         """Per-region rate for a pair of `n_independent` independent regions (capped below 1)."""
@@ -177,7 +176,10 @@ def intensity_change(baseline: np.ndarray, followup: np.ndarray, mask: np.ndarra
     pooled = masked_smooth(z, inside, settings.pool_mm / sp)
     band = pooled - masked_smooth(z, inside, settings.surround_mm / sp) if settings.surround_mm > 0 else pooled
     fine = np.where(inside, diff / max(noise, 1e-12), 0.0).astype(np.float32)
-    return np.abs(band).astype(np.float32), np.where(inside, pooled, 0.0).astype(np.float32), fine
+    # the pooled change in units of its own noise (pooling shrinks the noise, not a lesion's change)
+    spread = float(median_abs_deviation(pooled[inside], scale="normal")) if inside.any() else 1.0
+    signed = np.where(inside, pooled / max(spread, 1e-12), 0.0).astype(np.float32)
+    return np.abs(band).astype(np.float32), signed, fine
 
 
 def subtraction_change(baseline: np.ndarray, followup: np.ndarray, spacing_zyx, settings: "ScoringSettings") -> np.ndarray:
@@ -223,7 +225,7 @@ class ChangeMaps:
     outlined and described with."""
 
     maps: dict[str, np.ndarray]  # each robustly standardised inside the mask, higher = more change
-    signed: np.ndarray  # pooled signed change in noise units (+: brighter at follow-up), 0 outside the mask
+    signed: np.ndarray  # pooled signed change in units of its noise (+: brighter at follow-up), 0 outside
     fine: np.ndarray  # the same, smoothed but not pooled: where the changed tissue ends
     mask: np.ndarray  # the voxels the maps were computed on (and that regions, scores and findings use)
 

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import InputError
+from .settings import SettingError, check
 from .io import ITK_EXTS, NIFTI_EXTS, PICTURE_EXTS, Image, ImageInfo, InputSettings, SeriesInfo, describe, load_image
 from .io.dicom import Scan, scan
 from .io.image import _ext
@@ -68,6 +69,14 @@ class TimelineSettings:
     layout: Literal["auto", "bids", "plain", "dicom"] = "auto"
     bids_suffixes: tuple[str, ...] = ("T1w", "T2w", "FLAIR", "T2starw", "PDw", "T1map", "T2map")
     series_description: str | None = None  # regex (case-insensitive) picking a DICOM series per visit
+
+    def __post_init__(self) -> None:
+        check(self)
+        if self.series_description is not None:
+            try:
+                re.compile(self.series_description)
+            except re.error as exc:
+                raise SettingError("series_description", f"not a regular expression: {exc}") from None
 
 
 @dataclass(frozen=True)

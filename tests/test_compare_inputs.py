@@ -68,7 +68,7 @@ def test_compare_refuses_a_10000_pixel_pair_in_one_line_within_seconds(tmp_path,
     seconds = time.perf_counter() - start
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"longitudinal: error: {a}: image too large: 10000x10000 voxels x 3 channel(s) = 300,000,000 "
-                   "values, over the limit of 16,777,216; raise [input] max_voxels in a pipeline file, or set [input] "
+                   "values, over the limit of 33,554,432; raise [input] max_voxels in a pipeline file, or set [input] "
                    "too_large = \"downsample\""]
     print(f"refused in {seconds:.2f} s")  # a figure for the log, not an assert (benchmarks/ measures it)
 

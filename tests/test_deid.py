@@ -83,7 +83,8 @@ def test_deidentified_result_is_the_plain_result_with_identity_fields_replaced(b
     for v in deid["visits"]:
         assert v["series_uid"] is None and v["sources"] == []
         assert not any(s.lower() in v["series_description"].lower() for s in secrets)
-        assert v["series_description"].startswith("T1 ")
+        if not any(s.lower() in "t1 " for s in secrets):  # a secret like "T" is rightly scrubbed from "T1" too
+            assert v["series_description"].startswith("T1 ")
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -23,7 +23,7 @@ def test_over_the_limit_is_refused_before_any_voxel_is_read(tmp_path, monkeypatc
     with pytest.raises(InputError) as err:
         load_image(path)
     assert str(err.value) == (f"{path}: image too large: 10000x10000 voxels x 3 channel(s) = 300,000,000 values, over "
-                              "the limit of 16,777,216; raise [input] max_voxels in a pipeline file, or set [input] "
+                              "the limit of 33,554,432; raise [input] max_voxels in a pipeline file, or set [input] "
                               "too_large = \"downsample\"")
 
 
@@ -64,5 +64,5 @@ def test_the_input_table_of_a_pipeline_sets_the_limit(tmp_path):
     with pytest.raises(InputError, match=r"line 4: \[input\] too_large: must be one of 'refuse', 'downsample'"):
         load(path)
     path.write_text('name = "p"\nversion = "1"\n[input]\nmax_voxels = 0\n')
-    with pytest.raises(InputError, match="max_voxels must be at least 1"):
+    with pytest.raises(InputError, match=r"line 4: \[input\] max_voxels: must be at least 1"):
         load(path)

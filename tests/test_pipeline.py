@@ -60,6 +60,33 @@ def test_settings_rejected_by_a_stage_are_reported(tmp_path):
         load(path)
 
 
+@pytest.mark.parametrize("table, line", [
+    ("[registration]\nstages = ['warp']\n", r"line 4: \[registration\] stages: must be one of 'rigid'"),
+    ("[scoring]\nnu = 0.1\nfalse_findings_per_pair = 0\n", r"line 5: \[scoring\] false_findings_per_pair: "
+     r"must be > 0"),
+    ("[encoding]\ngrid_stride = 3\n", r"line 4: \[encoding\] grid_stride: must be a power of two"),
+    ("[masks]\nclosing_mm = -1.0\n", r"line 4: \[masks\] closing_mm: must be >= 0"),
+    ("[timeline]\nseries_description = '(T1'\n", r"line 4: \[timeline\] series_description: not a regular"),
+    ("[preprocessing]\nct_window = [1.0]\n", r"line 4: \[preprocessing\] ct_window: expected 2 values"),
+])
+def test_every_stage_rule_names_the_line_of_its_key(tmp_path, table, line):
+    """Type rules and range rules live in the settings classes; the loader only points at the line."""
+    with pytest.raises(InputError, match=line):
+        load(_write(tmp_path, HEADER + table))
+
+
+def test_the_python_api_meets_the_same_rules_as_a_pipeline_file():
+    from longitudinal.encoding import EncoderSettings
+    from longitudinal.scoring import ScoringSettings
+    from longitudinal.settings import SettingError
+
+    with pytest.raises(SettingError, match="maps: must be one of"):
+        ScoringSettings(maps=("intensity", "colour"))
+    with pytest.raises(SettingError, match="combine: must be one of 'mean', 'concat'"):
+        EncoderSettings(combine="max")
+    assert ScoringSettings(false_findings_per_pair=1, maps=["intensity"]).false_findings_per_pair == 1.0
+
+
 def test_unknown_pipeline_name_lists_shipped():
     with pytest.raises(InputError, match="brain-mri"):
         load("no-such-pipeline")

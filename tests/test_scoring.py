@@ -117,11 +117,12 @@ def _sample_pair(lesion: bool, seed: int):
 
 
 def test_a_synthetic_lesion_is_the_one_finding_and_is_outlined_at_its_size():
-    from longitudinal.compare import findings_of
+    from longitudinal.compare import findings_of, scored_mask
 
     b, f, mask, truth = _sample_pair(True, 5)
-    regions = _grid(b.shape, mask, size_mm=8.0)
     s = dataclasses.replace(load("brain-mri").scoring, maps=("intensity",))  # the shipped settings
+    mask = scored_mask(mask, (1.0, 1.0, 1.0), s.edge_margin_mm)  # as compare scores: away from the crop's edge
+    regions = _grid(b.shape, mask, size_mm=8.0)
     maps = change_maps(b, f, None, None, mask, (1.0, 1.0, 1.0), s)
     X = region_features(maps.maps, regions, mask, None)
     scores = score_regions(X, feature_names(maps.maps), regions, mask, None, (1.0, 1.0, 1.0), s)

@@ -11,6 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
+from ..settings import check, require
 
 NIFTI_EXTS = (".nii", ".nii.gz")
 PICTURE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -25,17 +26,16 @@ class InputSettings:
     `max_voxels` counts voxels times colour channels (an RGB pixel counts 3): memory and time grow with it
     (a 2000x2000 RGB pair peaks at about 2 GB in `compare`). Above it the image is refused in one line before
     its voxels are read, or with `too_large = "downsample"` averaged down by a whole factor per axis
-    (`Meta.downsampled` says so); the default admits a 256^3 volume or a 2364x2364 colour picture.
+    (`Meta.downsampled` says so); the default admits a 320^3 volume (a whole head with its neck at 0.8 mm)
+    or a 3344x3344 colour picture.
     """
 
-    max_voxels: int = 2**24
+    max_voxels: int = 2**25
     too_large: Literal["refuse", "downsample"] = "refuse"
 
     def __post_init__(self) -> None:
-        if self.max_voxels < 1:
-            raise ValueError(f"max_voxels must be at least 1, got {self.max_voxels}")
-        if self.too_large not in ("refuse", "downsample"):
-            raise ValueError(f"too_large must be 'refuse' or 'downsample', got {self.too_large!r}")
+        check(self)
+        require(self.max_voxels >= 1, "max_voxels", f"must be at least 1, got {self.max_voxels}")
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class Meta:
     # slices) of 3 in the folder: the 3D series with the most slices dated on the visit's day".
     series_choice: str | None = None
     # Set when the image was larger than [input] max_voxels and averaged down, e.g. "downsampled 4x (block
-    # average) from 10000x10000 to 2500x2500: 300,000,000 values over the limit of 16,777,216".
+    # average) from 10000x10000 to 2500x2500: 300,000,000 values over the limit of 33,554,432".
     downsampled: str | None = None
 
     @property
