@@ -81,11 +81,11 @@ def grid_regions(reference: sitk.Image, mask: np.ndarray, settings: RegionSettin
     edge = np.maximum(1, np.round(settings.size_mm / spacing)).astype(int)
     step = np.maximum(1, np.ceil(edge * (1 - settings.overlap))).astype(int)
     voxel_mm3 = float(np.prod(spacing))
-    starts = [np.arange(0, max(1, n - e) + 1, s) for n, e, s in zip(size, edge, step)]
+    starts = [_starts(int(n), int(e), int(s)) for n, e, s in zip(size, edge, step)]
     lo = np.stack(np.meshgrid(*starts, indexing="ij"), -1).reshape(-1, len(size))  # (x, y[, z]) order
     hi = np.minimum(lo + edge, size)
     counts = np.rint(box_sums(mask, lo[:, ::-1], hi[:, ::-1])).astype(np.int64)
-    keep = counts >= settings.min_mask_fraction * np.prod(hi - lo, axis=1)
+    keep = (counts > 0) & (counts >= settings.min_mask_fraction * np.prod(hi - lo, axis=1))
     regions = []
     for a, b, count in zip(lo[keep], hi[keep], counts[keep]):
         centre = reference.TransformContinuousIndexToPhysicalPoint([float(v) for v in (a + b - 1) / 2])
@@ -100,6 +100,15 @@ def grid_regions(reference: sitk.Image, mask: np.ndarray, settings: RegionSettin
             )
         )
     return regions
+
+
+def _starts(n: int, edge: int, step: int) -> np.ndarray:
+    """Cube starts along an axis of n voxels: every `step`, and a last cube flush with the far edge, so every
+    voxel is in a cube; an axis no longer than the cube has one cube."""
+    if n <= edge:
+        return np.zeros(1, int)
+    starts = np.arange(0, n - edge + 1, step)
+    return starts if starts[-1] == n - edge else np.append(starts, n - edge)
 
 
 def box_sums(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:

@@ -21,8 +21,9 @@ the pair's independent regions (compared volume / mean region volume), so a stab
 findings on average whatever its voxel size or field of view. Within a pair the null is refitted without
 extended clusters of suspect regions, so a large change does not calibrate itself away.
 
-Measured (longitudinal evaluate sample_studies/hard and easy, brain-mri 1.2): a stable pair has about 22,000
-regions and shows 1 finding at 1e-4 per region (2.2 regions expected, overlapping) and none at 3e-5.
+Regions only say where to look: the findings (`findings.outline`) are the pieces of changed tissue in a
+flagged group whose pooled change stands `min_change` times above the pooled noise. How well this holds on
+scans no setting was chosen on: docs/change-detection.md (benchmarks/generalisation.py, dev beside validation).
 """
 
 from __future__ import annotations
