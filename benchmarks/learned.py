@@ -51,7 +51,7 @@ if isinstance(model, SiameseModel):
     out["voxels_over_0.5"] = int((prob >= 0.5).sum())
 else:
     fb, ff, _ = encode_prepared(prepared)
-    X, names, regions, labels = region_features_prepared(prepared, prepared.pipeline.scoring, fb, ff)
+    X, names, regions, labels, _ = region_features_prepared(prepared, prepared.pipeline.scoring, fb, ff)
     t, cpu = time.perf_counter(), time.process_time()
     scores = predict_regions(model, X, names)
     out.update(infer_s=time.perf_counter() - t, infer_cpu_s=time.process_time() - cpu, regions=len(scores))

@@ -275,7 +275,7 @@ def pair_regions(pair: PairArrays, pipeline, scoring, cache: Path | None) -> Pai
     fb = ff = None
     if "encoder" in scoring.maps:
         fb, ff, _ = encode_prepared(prepared)
-    X, names, regions, labels = region_features_prepared(prepared, scoring, fb, ff)
+    X, names, regions, labels, _ = region_features_prepared(prepared, scoring, fb, ff)
     y = region_labels(regions, pair.truth, pair.mask, labels)
     if path is not None:
         from ..io import atomic_write
