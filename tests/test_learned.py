@@ -241,3 +241,15 @@ def test_train_refuses_a_validation_split(tmp_path):
     folder = tmp_path / "validation" / "visible"
     folder.mkdir(parents=True)
     assert cli.main(["train", str(folder), "-o", str(tmp_path / "m.npz")]) == cli.EXIT_BAD_INPUT
+
+
+def test_more_changed_regions_than_fitted_rows_still_fit_both_classes():
+    """The dev cohort has ~10,000 changed regions, more than the SVM's 6,000 fitted rows: the fit keeps at most
+    half of them, so unchanged regions are learned too (it used to keep none and fail with one class)."""
+    rng = np.random.default_rng(0)
+    X = np.r_[rng.normal(2, 1, (60, 3)), rng.normal(0, 1, (100, 3))]
+    y = np.r_[np.ones(60, bool), np.zeros(100, bool)]
+    model = RegionClassifier(RegionalSettings(kind="svm", max_rows=40)).fit(X, y, ("a", "b", "c"))
+    assert len(model.fit_y_) == 40 and model.fit_y_.sum() == 20
+    p = predict_regions(model, X, ("a", "b", "c"))
+    assert p[y].mean() > p[~y].mean()

@@ -135,8 +135,12 @@ class RegionClassifier:
         rng = np.random.default_rng(self.settings.seed)
         pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
         max_rows = self.settings.max_rows or (6000 if self.settings.kind == "svm" else 30000)
-        n_neg = max(0, max_rows - len(pos))
-        keep = np.sort(np.r_[pos, rng.choice(neg, min(n_neg, len(neg)), replace=False)])
+        # changed regions first, but never more than half the rows: a cohort with many changed regions (the dev
+        # split has 10,000) would otherwise leave no unchanged row to learn from
+        n_pos = min(len(pos), max(max_rows // 2, max_rows - len(neg)))
+        n_neg = min(len(neg), max_rows - n_pos)
+        keep = np.sort(np.r_[rng.choice(pos, n_pos, replace=False) if n_pos < len(pos) else pos,
+                             rng.choice(neg, n_neg, replace=False)])
         return self._fit_rows(X[keep], y[keep], tuple(feature_names))
 
     def _fit_rows(self, X: np.ndarray, y: np.ndarray, feature_names: tuple[str, ...]) -> "RegionClassifier":
