@@ -2,8 +2,9 @@
 
     python docs/screenshots.py [--out docs] [--jobs 2]
 
-Pairs: hard/P005 (progression), hard/P002 (stable), fundus/F001 (a photograph), and P005's baseline against
-its follow-up flipped front to back (a registration that fails: not comparable). Needs Chromium.
+Pairs: easy/sub-04 (progression: a new lesion and atrophy), hard/P002 (stable), fundus/F001 (a photograph), and
+hard/P005's baseline against its follow-up flipped front to back (a registration that fails: not comparable).
+Needs Chromium.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from longitudinal.batch import run_batch  # noqa: E402
 SAMPLES = ROOT / "sample_studies"
 SHOTS = {  # file -> (pair folder or "summary", top element id or None, height in pixels)
     "summary.png": ("summary", None, 1100),
-    "report-progression.png": ("P005/2022-03-02", None, 2300),
-    "report-finding.png": ("P005/2022-03-02", "findings-table", 1750),
+    "report-progression.png": ("E004/2021-06-28", None, 2300),
+    "report-finding.png": ("E004/2021-06-28", "findings-table", 1750),
     "report-stable.png": ("P002/2021-04-19", None, 1900),
     "report-not-comparable.png": ("P006/2022-03-02", None, 1750),
     "report-fundus.png": ("F001/2020-08-05", None, 3000),
@@ -35,8 +36,11 @@ SHOTS = {  # file -> (pair folder or "summary", top element id or None, height i
 
 
 def studies(root: Path) -> Path:
-    for patient in ("hard/P005", "hard/P002", "fundus/F001"):
+    for patient in ("hard/P002", "fundus/F001"):
         shutil.copytree(SAMPLES / patient, root / Path(patient).name)
+    for session, date in (("ses-01", "2020-06-22"), ("ses-02", "2021-06-28")):  # easy/sub-04 in the plain layout
+        (root / "E004" / date).mkdir(parents=True)
+        shutil.copy(SAMPLES / f"easy/sub-04/{session}/anat/sub-04_{session}_T1w.nii.gz", root / "E004" / date / "t1.nii.gz")
     (root / "P006" / "2021-09-01").mkdir(parents=True)
     shutil.copy(SAMPLES / "hard/P005/2021-09-01/t1.nii.gz", root / "P006" / "2021-09-01" / "t1.nii.gz")
     follow = sitk.ReadImage(str(SAMPLES / "hard/P005/2022-03-02/t1.nii.gz"))

@@ -36,7 +36,8 @@ class Chromium:
         self.proc = subprocess.Popen([executable, *FLAGS, f"--user-data-dir={self.profile}",
                                       f"--window-size={width},{height}", "about:blank"],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     preexec_fn=fds, pass_fds=(3, 4))
+                                     preexec_fn=fds, close_fds=False)  # fds 3 and 4 are made in the child:
+        # pass_fds=(3, 4) would make Popen check them in this process, where they may not exist
         os.close(cmd_r)
         os.close(out_w)
         self._buffer = b""
