@@ -116,7 +116,7 @@ def prepare(baseline: Image, followup: Image, pipeline: Pipeline | None = None) 
     from .pipeline import for_image
     from .preprocessing import harmonise, match_resolution
     from .regions import make_regions
-    from .registration import identity_registration, register
+    from .registration import identity_registration, itk_threads, register
 
     pipeline = pipeline or for_image(baseline)
     timings: dict[str, float] = {}
@@ -145,9 +145,12 @@ def prepare(baseline: Image, followup: Image, pipeline: Pipeline | None = None) 
         return Prepared(baseline, followup, registration, baseline, registration.registered, mask, [], None, pipeline,
                         timings, reason, identical)
     base_in, follow_in = baseline, registration.registered
-    if pipeline.preprocessing.match_resolution:
-        base_in, follow_in = match_resolution(baseline, followup, registration)
-    base_h, follow_h = harmonise(base_in, follow_in, mask_itk, pipeline.preprocessing)
+    # a fixed ITK thread count: N4's field sums per-thread parts, so with the machine's (or a batch worker's)
+    # count the scores changed with `batch --jobs` (benchmarks/determinism.py)
+    with itk_threads(pipeline.preprocessing.threads):
+        if pipeline.preprocessing.match_resolution:
+            base_in, follow_in = match_resolution(baseline, followup, registration)
+        base_h, follow_h = harmonise(base_in, follow_in, mask_itk, pipeline.preprocessing)
     timings["preprocessing"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
     regions, labels = make_regions(baseline.itk, mask, pipeline.regions)

@@ -48,6 +48,9 @@ class PreprocessingSettings:
     match_resolution: bool = True
     ct_window: tuple[float, float] = (-160.0, 240.0)  # HU; soft tissue (level 40, width 400)
     ct: bool | None = None  # CT handling (window, no matching); None: when either image's modality is CT
+    # ITK threads for this stage, whatever the machine or `batch --jobs`: N4 sums per-thread parts of its field,
+    # so another count gives other bytes out
+    threads: int = 2
 
     def __post_init__(self) -> None:
         check(self)
@@ -56,6 +59,7 @@ class PreprocessingSettings:
         require(bool(self.n4_iterations), "n4_iterations", "must not be empty")
         require(self.local_correction_mm >= 0, "local_correction_mm", "must be >= 0")
         require(self.curve_bins >= 0, "curve_bins", "must be >= 0")
+        require(self.threads >= 1, "threads", "must be >= 1")
 
 
 def _name(image: Image) -> str | None:
