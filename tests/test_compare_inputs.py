@@ -11,25 +11,10 @@ import pydicom
 import pytest
 
 from conftest import huge_png_header
+from fuzz import CHEAP_PIPELINE as CHEAP  # one quick rigid stage, intensity change only
 from longitudinal import cli
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_studies"
-CHEAP = """name = "cheap"
-version = "0"
-description = "tests: one quick rigid stage, intensity change only, images averaged down to at most 300,000 values"
-[input]
-max_voxels = 300000
-too_large = "downsample"
-[registration]
-stages = ["rigid"]
-iterations = 20
-shrink_factors = [4, 2]
-smoothing_sigmas_mm = [2.0, 1.0]
-[preprocessing]
-n4 = false
-[scoring]
-maps = ["intensity"]
-"""
 
 
 def test_compare_refuses_a_followup_of_another_patient_before_any_work(tmp_path, series_writer, capsys):

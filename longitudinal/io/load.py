@@ -74,18 +74,24 @@ class _Header:
     nifti: nifti.Header | None  # for NIfTI files, the header as nibabel reads it
 
 
+def _information(path: Path, kind: str, doing: str) -> sitk.ImageFileReader:
+    """A reader that has read `path`'s header; InputError naming the file when SimpleITK cannot."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        with library_messages(doing):
+            reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise _itk_error(path, kind, exc) from exc
+    return reader
+
+
 def _header(path: Path, kind: str) -> _Header:
     """Header-only reading with every check the header allows (NIfTI: nibabel's checks and geometry)."""
     header = nifti.load_header(path) if kind == "nifti" else None
     if header is not None:
         nifti.check_header(path, header)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        with library_messages(f"reading {path}"):
-            reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise _itk_error(path, kind, exc) from exc
+    reader = _information(path, kind, f"reading {path}")
     size = tuple(int(v) for v in reader.GetSize())
     spacing = tuple(float(v) for v in reader.GetSpacing())
     comps = reader.GetNumberOfComponents()
@@ -281,13 +287,10 @@ def save_image(image: Image, path: str | os.PathLike) -> Path:
         if ext in NIFTI_EXTS:
             nifti.check_written(tmp, image.size)
             return
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(tmp))
         try:
-            with library_messages(f"verifying {path}"):
-                reader.ReadImageInformation()
-        except RuntimeError as exc:
-            raise OutputError(f"{path}: not written: the written file does not read back ({_itk_error(tmp, ext, exc).problem})")
+            reader = _information(tmp, ext, f"verifying {path}")
+        except InputError as exc:
+            raise OutputError(f"{path}: not written: the written file does not read back ({exc.problem})") from None
         if tuple(reader.GetSize())[:image.dim] != image.size:
             raise OutputError(f"{path}: not written: the written file reads back as {reader.GetSize()}, expected {image.size}")
 
