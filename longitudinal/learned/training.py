@@ -34,18 +34,20 @@ from typing import Literal, Protocol
 import numpy as np
 
 from ..errors import InputError
+from ..settings import check, choices, require
 from .pairs import PairArrays
 
 log = logging.getLogger(__name__)
 
-KINDS = ("siamese", "svm", "rf")
+Kind = Literal["siamese", "svm", "rf"]
+KINDS = choices(Kind)
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     """How a model is trained; every field is recorded in the card."""
 
-    kind: Literal["siamese", "svm", "rf"] = "siamese"
+    kind: Kind = "siamese"
     epochs: int = 24
     steps: int = 60  # Siamese: batches per epoch
     batch_size: int = 16
@@ -64,12 +66,10 @@ class TrainSettings:
     max_minutes: float = 30.0  # training stops after the epoch that crosses this (recorded in the card)
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kind {self.kind!r} must be one of {', '.join(KINDS)}")
-        if self.epochs < 1 or self.steps < 1 or self.batch_size < 1:
-            raise ValueError("epochs, steps and batch_size must be >= 1")
-        if not 0.0 < self.held_back < 1.0:
-            raise ValueError(f"held_back {self.held_back} must be in (0, 1)")
+        check(self)
+        for key in ("epochs", "steps", "batch_size"):
+            require(getattr(self, key) >= 1, key, "must be >= 1")
+        require(0.0 < self.held_back < 1.0, "held_back", f"must be in (0, 1), got {self.held_back}")
 
 
 class TrainedModel(Protocol):
