@@ -376,23 +376,22 @@ def _initial_transform(fixed: sitk.Image, moving: sitk.Image, settings: Registra
     centres and moments are candidates too under "best" (a fixed image cropped to the brain has its centre of
     mass far from a whole head's with its neck: validation S006 failed from every cropped start, NCC 0.07)."""
     dim = fixed.GetDimension()
+
+    def centred(f_img: sitk.Image, m_img: sitk.Image, mode: str) -> sitk.Transform:
+        flag = sitk.CenteredTransformInitializerFilter.GEOMETRY if mode == "geometry" else sitk.CenteredTransformInitializerFilter.MOMENTS
+        return sitk.CenteredTransformInitializer(f_img, m_img, _linear_transform("rigid", dim), flag)
+
     candidates: dict[str, sitk.Transform] = {}
-    modes = ("geometry", "moments", "physical") if settings.init == "best" else (settings.init,)
-    sources = {"": (fixed, moving)}
+    for mode in ("geometry", "moments", "physical") if settings.init == "best" else (settings.init,):
+        if mode == "physical":  # identity, rotating about the fixed image's centre
+            candidates[mode] = _linear_transform("rigid", dim)
+            candidates[mode].SetCenter(fixed.TransformContinuousIndexToPhysicalPoint(
+                [(s - 1) / 2.0 for s in fixed.GetSize()]))
+        else:
+            candidates[mode] = centred(fixed, moving, mode)
     if whole is not None and settings.init == "best":
-        sources[" (whole images)"] = whole
-    for suffix, (f_img, m_img) in sources.items():
-        for mode in modes:
-            base = _linear_transform("rigid", dim)
-            if mode == "physical":
-                if suffix:
-                    continue  # the same for any crop of the fixed image: its centre does not move the moving one
-                centre = f_img.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in f_img.GetSize()])
-                base.SetCenter(centre)
-                candidates[mode] = base
-            else:
-                flag = sitk.CenteredTransformInitializerFilter.GEOMETRY if mode == "geometry" else sitk.CenteredTransformInitializerFilter.MOMENTS
-                candidates[mode + suffix] = sitk.CenteredTransformInitializer(f_img, m_img, base, flag)
+        for mode in ("geometry", "moments"):
+            candidates[f"{mode} (whole images)"] = centred(*whole, mode)
     if len(candidates) == 1:
         mode = next(iter(candidates))
         return candidates[mode], mode
