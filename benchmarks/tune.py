@@ -29,17 +29,14 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import median_abs_deviation
 
+from longitudinal.batch import init_worker
+
 VARIANTS: dict[str, dict] = {
     "base": {},
     "shape0.1": {"tail_shape": 0.1},
     "shape0.2": {"tail_shape": 0.2},
     "shape0.3": {"tail_shape": 0.3},
 }
-
-
-def _init_worker() -> None:
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = "1"
 
 
 def cache_pair(args: tuple[Path, str, str, str, Path]) -> str:
@@ -230,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     if args.jobs > 1:
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_init_worker) as pool:
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=init_worker) as pool:
             for line in pool.map(cache_pair, todo):
                 print(line, flush=True)
     else:

@@ -241,8 +241,8 @@ def _visit_name(visit_id: str, task: _Task) -> str:
 # --------------------------------------------------------------------------- one pair (runs in workers)
 
 
-def _init_worker() -> None:
-    """One thread per worker for every library, so `jobs` workers use `jobs` cores."""
+def init_worker() -> None:
+    """One thread per worker for every library, so `jobs` workers use `jobs` cores (batch and evaluate)."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
         os.environ[var] = "1"  # torch reads OMP_NUM_THREADS when it is first imported
     _set_threads(1)
@@ -457,7 +457,7 @@ def _run_all(todo: list[_Task], jobs: int, results: dict[int, PairResult], bar) 
     context = multiprocessing.get_context("spawn")  # no fork: torch and ITK thread pools do not survive it
     queue = deque(todo)
     running: dict[Future, _Task] = {}
-    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context, initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context, initializer=init_worker) as pool:
         while queue or running:
             while queue and len(running) < jobs:
                 task = queue.popleft()

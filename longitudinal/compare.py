@@ -398,8 +398,13 @@ def scored_mask(compared: np.ndarray, spacing_zyx, margin_mm: float) -> np.ndarr
         return compared
     from scipy import ndimage
 
-    inside = ndimage.distance_transform_edt(np.pad(compared, 1), sampling=spacing_zyx)[(slice(1, -1),) * compared.ndim]
-    return inside > margin_mm
+    # the transform only inside the compared box (plus the one-voxel rim of "outside" it needs): the same
+    # distances, on a brain's box about a third of the head's volume
+    box = ndimage.find_objects(compared.astype(np.uint8))[0]
+    inside = ndimage.distance_transform_edt(np.pad(compared[box], 1), sampling=spacing_zyx)
+    out = np.zeros_like(compared, dtype=bool)
+    out[box] = inside[(slice(1, -1),) * compared.ndim] > margin_mm
+    return out
 
 
 def _on_grid(array: np.ndarray, reference: Image) -> Image:

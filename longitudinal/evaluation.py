@@ -410,6 +410,10 @@ def summarise(rows: list[dict], methods: tuple[str, ...]) -> dict[str, dict]:
         ratios = [v["ratio"] for _, m in ms for v in m.get("volumes", [])
                   if (v["diameter_mm"] or 0) >= VOLUME_MIN_DIAMETER_MM and not _nan(v["ratio"])]
         outside = [m["findings_outside_brain"] for _, m in ms if m.get("findings_outside_brain") is not None]
+        called = np.array([bool(m["progression"]) for _, m in ms])  # "not comparable" is not a call
+        changed = np.array([bool(r["changed"]) for r, _ in ms])
+        pair_precision = float((called & changed).sum() / called.sum()) if called.any() else float("nan")
+        pair_recall = float((called & changed).sum() / changed.sum()) if changed.any() else float("nan")
         out[method] = {
             "pairs": len(ms),
             "stable_pairs": len(fp_stable),
@@ -423,7 +427,12 @@ def summarise(rows: list[dict], methods: tuple[str, ...]) -> dict[str, dict]:
             "voxel_auroc_mean": float(np.mean(aurocs)) if aurocs else float("nan"),
             "voxel_ap_mean": float(np.mean(aps)) if aps else float("nan"),
             "pair_auroc": pair_auroc([m["progression_score"] for _, m in ms], [r["changed"] for r, _ in ms]),
-            "pairs_called_progression": int(sum(m["progression"] for _, m in ms)),
+            "pairs_called_progression": int(called.sum()),
+            "pair_accuracy": float((called == changed).mean()),
+            "pair_recall": pair_recall,
+            "pair_precision": pair_precision,
+            "pair_f1": f1(0.0 if math.isnan(pair_recall) else pair_recall,
+                          0.0 if math.isnan(pair_precision) else pair_precision),
             "pairs_not_comparable": int(sum(m.get("verdict") == "not comparable" for _, m in ms)),
             "volume_checked": len(ratios),
             "volume_within_tolerance": float(np.mean([abs(q - 1) <= VOLUME_TOLERANCE for q in ratios]))
@@ -485,14 +494,17 @@ def _fmt(v) -> str:
 
 def _summary_table(title: str, s: dict[str, dict]) -> list[str]:
     lines = [f"### {title}", "",
-             "| method | pairs (stable) | lesions found | sensitivity | FP / pair | FP / stable pair | lesion F1 | "
-             "pair AUROC | volume within 30 % | outside brain | not comparable | voxel AUROC | s / pair |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | pairs (stable) | lesions found | sensitivity | precision | FP / pair | FP / stable pair | "
+             "lesion F1 | pair accuracy / recall / precision / F1 | pair AUROC | volume within 30 % | outside brain | "
+             "not comparable | voxel AUROC | s / pair |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, m in s.items():
         lines.append(
             f"| {method} | {m['pairs']} ({m['stable_pairs']}) | {m['found_lesions']}/{m['truth_lesions']} | "
-            f"{_fmt(m['lesion_sensitivity'])} | {_fmt(m['false_positives_per_pair'])} | "
-            f"{_fmt(m['false_positives_per_stable_pair'])} | {_fmt(m['lesion_f1'])} | {_fmt(m['pair_auroc'])} | "
+            f"{_fmt(m['lesion_sensitivity'])} | {_fmt(m['lesion_precision'])} | {_fmt(m['false_positives_per_pair'])} | "
+            f"{_fmt(m['false_positives_per_stable_pair'])} | {_fmt(m['lesion_f1'])} | "
+            f"{' / '.join(_fmt(m[k]) for k in ('pair_accuracy', 'pair_recall', 'pair_precision', 'pair_f1'))} | "
+            f"{_fmt(m['pair_auroc'])} | "
             f"{_fmt(m['volume_within_tolerance'])} (n={m['volume_checked']}) | {_fmt(m['findings_outside_brain'])} | "
             f"{m['pairs_not_comparable']} | {_fmt(m['voxel_auroc_mean'])} | {_fmt(m['seconds_per_pair_mean'])} |")
     return lines + [""]
@@ -534,12 +546,6 @@ def summary_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _init_worker() -> None:
-    """One thread per worker for every library, so `jobs` workers use `jobs` cores."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
-        os.environ[var] = "1"
-
-
 def evaluate(studies: str | os.PathLike, out: str | os.PathLike, pipeline: str | None = None, jobs: int = 1,
              methods: tuple[str, ...] = METHODS, patients: tuple[str, ...] | None = None) -> dict:
     """Evaluate every follow-up-vs-first-visit pair under `studies`; writes OUT/metrics.json and OUT/summary.md."""
@@ -564,8 +570,10 @@ def evaluate(studies: str | os.PathLike, out: str | os.PathLike, pipeline: str |
         raise InputError(studies, "no follow-up visits to evaluate")
     out.mkdir(parents=True, exist_ok=True)
     if jobs > 1:
+        from .batch import init_worker
+
         context = multiprocessing.get_context("spawn")  # no fork: torch and ITK thread pools do not survive it
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=init_worker) as pool:
             rows = list(pool.map(evaluate_pair, todo))
     else:
         rows = [evaluate_pair(j) for j in todo]

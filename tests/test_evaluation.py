@@ -87,6 +87,11 @@ def test_summarise_pools_pairs():
     assert s["false_positives_per_pair"] == 0.5 and s["false_positives_per_stable_pair"] == 0.0
     assert s["pair_auroc"] == 1.0 and s["smallest_found_diameter_mm"] == 8.0
     assert s["all_found_from_diameter_mm"] == 8.0 and s["voxel_auroc_mean"] == 0.9
+    assert (s["pair_accuracy"], s["pair_recall"], s["pair_precision"], s["pair_f1"]) == (1.0, 1.0, 1.0, 1.0)
+    rows[1]["methods"]["ours"]["progression"] = True  # a stable pair called progressing
+    s = summarise(rows, ("ours",))["ours"]
+    assert (s["pair_accuracy"], s["pair_recall"], s["pair_precision"]) == (0.5, 1.0, 0.5)
+    assert s["pair_f1"] == pytest.approx(2 / 3)
 
 
 def test_read_truth_names_the_missing_folder(tmp_path):

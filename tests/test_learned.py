@@ -83,6 +83,24 @@ def test_encoder_stages_learn_slower_than_the_decoder():
     assert used <= set(ids)
 
 
+def test_the_random_init_control_trains_its_whole_encoder_and_its_batch_norm(pairs):
+    """--random-init: same network, no ImageNet weights; nothing to protect, so its encoder stages learn at the
+    decoder's rate and its batch-norm statistics follow the data (the pretrained ones stay fixed)."""
+    net_settings, sampling = _tiny()
+    settings = TrainSettings(epochs=1, steps=1, batch_size=4, eval_every=1, held_back_patches=8,
+                             synthetic_per_pair=0, seed=0, pretrained=False)
+    result = train_siamese(pairs[:2], pairs[2:], load_pipeline("brain-mri"), settings, net_settings, sampling)
+    net = result.model.net
+    pretrained = SiameseNet(net_settings)
+    assert not any(torch.equal(a, b) for a, b in zip(net.backbone.state_dict().values(),
+                                                       pretrained.backbone.state_dict().values())
+                   if a.dtype.is_floating_point and a.numel() > 64)
+    bn = next(m for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))  # statistics moved with the data
+    assert not net.frozen_norm and net.train().backbone.training
+    assert not pretrained.train().backbone.training
+
+
 def test_tiny_training_run_saves_a_model_that_reloads_and_scores_identically(pairs, tmp_path):
     net_settings, sampling = _tiny()
     settings = TrainSettings(epochs=2, steps=2, batch_size=4, eval_every=1, held_back_patches=8,

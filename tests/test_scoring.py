@@ -218,3 +218,23 @@ def test_a_pickle_payload_named_as_the_normative_model_runs_nothing(tmp_path, ca
     status = cli.main(["compare", str(base), str(follow), "-o", str(tmp_path / "out"), "--pipeline", str(pipeline)])
     assert status == 2 and "model.pkl" in capsys.readouterr().err
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (3.0, 1.2, 0.9)])
+def test_scored_mask_keeps_the_voxels_farther_than_the_margin_from_anything_not_compared(spacing):
+    """Brute force on a small irregular mask: a voxel is kept exactly when every voxel within `margin` mm of it
+    (the volume's outside counts as not compared) is compared."""
+    from longitudinal.compare import scored_mask
+
+    rng = np.random.default_rng(1)
+    compared = np.zeros((14, 18, 20), bool)
+    compared[2:13, 1:17, 3:20] = ndimage.gaussian_filter(rng.random((11, 16, 17)), 1.5) > 0.47
+    margin = 2.0
+    kept = scored_mask(compared, spacing, margin)
+    outside = np.argwhere(~np.pad(compared, 1)) - 1
+    expect = np.zeros_like(compared)
+    for z, y, x in np.argwhere(compared):
+        d = np.sqrt((((outside - (z, y, x)) * spacing) ** 2).sum(1)).min()
+        expect[z, y, x] = d > margin
+    assert 0 < kept.sum() < compared.sum()
+    np.testing.assert_array_equal(kept, expect)

@@ -56,9 +56,13 @@ class SiameseNet(nn.Module):
     """Shared backbone, fused stage maps, U-Net decoder to one logit per pixel. forward(b, f): (B, 3, H, W)
     each in [0, 1], H and W multiples of the deepest stride -> (B, 1, H, W) logits."""
 
-    def __init__(self, settings: SiameseSettings = SiameseSettings(), pretrained: bool = True, seed: int = 0):
+    def __init__(self, settings: SiameseSettings = SiameseSettings(), pretrained: bool = True, seed: int = 0,
+                 frozen_norm: bool = True):
         super().__init__()
         self.settings = settings
+        # pretrained batch-norm statistics stay fixed (patch batches are small); a randomly initialised encoder
+        # has none worth keeping, so its statistics learn like the decoder's
+        self.frozen_norm = frozen_norm
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             if pretrained:
@@ -108,7 +112,8 @@ class SiameseNet(nn.Module):
     def train(self, mode: bool = True) -> "SiameseNet":
         """Batch-norm statistics of the pretrained encoder stay frozen (patch batches are small)."""
         super().train(mode)
-        self.backbone.eval()
+        if self.frozen_norm:
+            self.backbone.eval()
         return self
 
 

@@ -117,9 +117,13 @@ def train_siamese(train_pairs: list[PairArrays], held_pairs: list[PairArrays], p
         held_full = list(held_pairs) + [c for p in held_pairs
                                         for c in synthetic_copies(p, settings.synthetic_per_pair, 3, rng)]
         torch.manual_seed(settings.seed)
-        net = SiameseNet(net_settings, pretrained=True, seed=settings.seed).to(device)
+        net = SiameseNet(net_settings, pretrained=settings.pretrained, seed=settings.seed,
+                         frozen_norm=settings.pretrained).to(device)
         net.train()
-        optimiser = torch.optim.AdamW(net.parameter_groups(settings.lr, settings.encoder_lr_factor), weight_decay=1e-4)
+        # a random encoder has no early filters to protect: every stage learns at the decoder's rate
+        groups = (net.parameter_groups(settings.lr, settings.encoder_lr_factor) if settings.pretrained
+                  else net.parameter_groups(settings.lr, 1.0, 1.0))
+        optimiser = torch.optim.AdamW(groups, weight_decay=1e-4)
         model = SiameseModel(net, spacing, rgb, {})
         history: list[dict] = []
         stopped_early = False

@@ -53,6 +53,9 @@ class TrainSettings:
     batch_size: int = 16
     lr: float = 1e-3  # decoder; the encoder's stages get less (SiameseNet.parameter_groups)
     encoder_lr_factor: float = 0.1
+    # Siamese: start the encoder from its ImageNet weights; False trains the same network from random weights
+    # (the transfer-learning control: same data, budget and seed)
+    pretrained: bool = True
     held_back: float = 0.3  # fraction of patients held back (at least one changed and one stable when possible)
     eval_every: int = 4  # epochs between lesion-level evaluations of the held-back pairs
     held_back_patches: int = 192
@@ -471,6 +474,8 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=TrainSettings.epochs, help="Siamese: epochs (default %(default)s)")
     p.add_argument("--steps", type=int, default=TrainSettings.steps, help="Siamese: batches per epoch")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--random-init", action="store_true",
+                   help="Siamese: start the encoder from random weights instead of ImageNet's (the control)")
     p.add_argument("--threads", type=int, default=TrainSettings.threads, help="torch threads (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, sampling and initialisation")
     p.add_argument("--held-back", type=float, default=TrainSettings.held_back, help="fraction of patients held back")
@@ -481,7 +486,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
 def train_command(args: argparse.Namespace) -> int:
     try:
         settings = TrainSettings(kind=args.kind, epochs=args.epochs, steps=args.steps, device=args.device,
-                                 threads=args.threads,
+                                 threads=args.threads, pretrained=not args.random_init,
                                  seed=args.seed, held_back=args.held_back, max_minutes=args.max_minutes)
     except ValueError as exc:
         raise InputError(None, str(exc)) from None
