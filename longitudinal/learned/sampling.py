@@ -38,16 +38,18 @@ class Prepped:
     Volumes are (Z, Y, X); a 2D image is one slice (Z = 1)."""
 
     key: str
-    baseline: np.ndarray  # (Z, 3, Y, X): the network's input channels of each slice
-    followup: np.ndarray
-    image_b: np.ndarray  # (Z, Y, X) gray or (1, Y, X, 3) RGB, in [0, 1]: what changes are pasted into
+    # (Z, Y, X) gray or (1, Y, X, 3) RGB, in [0, 1]: what changes are pasted into; a patch's input channels (a
+    # slice and its neighbours, or the RGB) are cut from them (`channels`), not kept three times over (a 1 mm
+    # head's stacks took 160 MB a pair: 15 GB for the dev split)
+    image_b: np.ndarray
     image_f: np.ndarray
+    context: int
     window: tuple[float, float]  # intensities of 0 and 1 (pastes multiply intensities, not window units)
     mask: np.ndarray  # (Z, Y, X) bool
     truth: np.ndarray  # (Z, Y, X) bool
     spacing: tuple[float, float, float]
     rgb: bool
-    tissue: np.ndarray  # (N, 3) voxel indices: mask, away from real truth
+    tissue: np.ndarray  # (N, 3) voxel indices (int32): mask, away from real truth
     hard: np.ndarray  # (M, 3): tissue edges and borders, away from real truth
     dark: np.ndarray  # (L, 3): dark tissue next to bright (CSF next to brain): where atrophy is pasted
     changed: np.ndarray  # (K, 3): real truth voxels
@@ -71,7 +73,7 @@ def working_size(shape: tuple[int, ...], spacing: tuple[float, ...], target: tup
 
 
 def prepare_for_sampling(pair: PairArrays, target_spacing: tuple[float, ...], context: int = 1) -> Prepped:
-    from .siamese import as_stack, window_of
+    from .siamese import scale_to_unit, window_of
 
     spatial = pair.baseline.shape[:-1] if pair.rgb else pair.baseline.shape
     size = working_size(spatial, pair.spacing, target_spacing)
@@ -80,11 +82,10 @@ def prepare_for_sampling(pair: PairArrays, target_spacing: tuple[float, ...], co
     mask = resample(pair.mask.astype(np.float32), size, nearest=True) > 0.5
     truth = resample(pair.truth.astype(np.float32), size, nearest=True) > 0.5
     window = window_of(b, mask)
-    sb, sf = as_stack(b, window, pair.rgb, context), as_stack(f, window, pair.rgb, context)
     vol = lambda a: a[None] if a.ndim == 2 else a  # noqa: E731  2D images as one slice
     mask3, truth3 = vol(mask), vol(truth)
-    c = context
-    image_b, image_f = (np.moveaxis(sb, 1, -1), np.moveaxis(sf, 1, -1)) if pair.rgb else (sb[:, c], sf[:, c])
+    image = (lambda a: a[None]) if pair.rgb else vol  # (1, Y, X, 3) RGB
+    image_b, image_f = image(scale_to_unit(b, window)), image(scale_to_unit(f, window))
     gray = image_b.mean(-1) if pair.rgb else image_b
     near_truth = ndimage.binary_dilation(truth3, iterations=3) if truth3.any() else truth3
     inside = mask3 & ~near_truth
@@ -101,8 +102,17 @@ def prepare_for_sampling(pair: PairArrays, target_spacing: tuple[float, ...], co
     else:
         dark = inside
     spacing3 = (1.0, *target_spacing) if len(target_spacing) == 2 else tuple(target_spacing)
-    return Prepped(pair.key, sb, sf, image_b, image_f, window, mask3, truth3, spacing3, pair.rgb,
-                   np.argwhere(inside), np.argwhere(hard), np.argwhere(dark), np.argwhere(truth3))
+    where = lambda a: np.argwhere(a).astype(np.int32)  # noqa: E731
+    return Prepped(pair.key, image_b, image_f, context, window, mask3, truth3, spacing3, pair.rgb,
+                   where(inside), where(hard), where(dark), where(truth3))
+
+
+def channels(volume: np.ndarray, z: int, context: int, rgb: bool) -> np.ndarray:
+    """The network's input channels of slice z, (3, Y, X): the slice and its `context` neighbours each side
+    (edges repeated), or a 2D image's RGB; as `siamese.as_stack` gives them for a whole volume."""
+    if rgb:
+        return np.moveaxis(volume[z], -1, 0)
+    return volume[np.clip(np.arange(z - context, z + context + 1), 0, len(volume) - 1)]
 
 
 def _crop(a: np.ndarray, lo: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -145,8 +155,8 @@ class PatchSampler:
         p = self.settings.patch
         z = int(centre[0])
         lo = np.array([int(centre[1]) - p // 2, int(centre[2]) - p // 2])
-        b = _crop(pair.baseline[z], np.r_[0, lo], (pair.baseline.shape[1], p, p))
-        f = _crop(pair.followup[z], np.r_[0, lo], (pair.followup.shape[1], p, p))
+        b = _crop(channels(pair.image_b, z, pair.context, pair.rgb), np.r_[0, lo], (3, p, p))
+        f = _crop(channels(pair.image_f, z, pair.context, pair.rgb), np.r_[0, lo], (3, p, p))
         return b, f, _crop(pair.truth[z], lo, (p, p)), _crop(pair.mask[z], lo, (p, p))
 
     def _synthetic(self, pair: Prepped):
