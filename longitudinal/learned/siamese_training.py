@@ -113,9 +113,13 @@ def train_siamese(train_pairs: list[PairArrays], held_pairs: list[PairArrays], p
         sampler = PatchSampler(train_prepped, sampling, settings.seed)
         held_batch = PatchSampler(held_prepped, sampling, settings.seed + 1).batch(settings.held_back_patches,
                                                                                   augment=False)
-        rng = np.random.default_rng(settings.seed + 2)
-        held_full = list(held_pairs) + [c for p in held_pairs
-                                        for c in synthetic_copies(p, settings.synthetic_per_pair, 3, rng)]
+
+        def held_full() -> list[PairArrays]:
+            """The held-back pairs and their pasted copies (made when the last round needs them: 2.7 GB on dev)."""
+            rng = np.random.default_rng(settings.seed + 2)
+            return list(held_pairs) + [c for p in held_pairs
+                                       for c in synthetic_copies(p, settings.synthetic_per_pair, 3, rng)]
+
         torch.manual_seed(settings.seed)
         net = SiameseNet(net_settings, pretrained=settings.pretrained, seed=settings.seed,
                          frozen_norm=settings.pretrained).to(device)
@@ -156,12 +160,14 @@ def train_siamese(train_pairs: list[PairArrays], held_pairs: list[PairArrays], p
             if epoch % settings.eval_every == 0 or last:
                 model.net = net.eval()
                 if not last:
-                    n_mined = mine_hard_negatives(model, train_pairs, sampler, settings.threshold, settings.threads,
+                    pick = np.random.default_rng(settings.seed + epoch).permutation(len(train_pairs))
+                    mined_on = [train_pairs[i] for i in sorted(pick[:settings.mine_pairs])]
+                    n_mined = mine_hard_negatives(model, mined_on, sampler, settings.threshold, settings.threads,
                                                   settings.seed + epoch)
                     row["mined_hard_negatives"] = n_mined
                 thresholds = tuple(sorted({settings.threshold, *LESION_THRESHOLDS})) if last else (settings.threshold,)
-                by_threshold, scores, labels = evaluate_pairs(model, held_full, thresholds, settings.threads,
-                                                              seed=settings.seed)
+                by_threshold, scores, labels = evaluate_pairs(model, held_full() if last else list(held_pairs),
+                                                              thresholds, settings.threads, seed=settings.seed)
                 lesion = by_threshold[settings.threshold]
                 net.train()
                 row.update(lesion)
@@ -179,7 +185,7 @@ def train_siamese(train_pairs: list[PairArrays], held_pairs: list[PairArrays], p
                                                                               "recall", "f1")}
         metrics = {**final_patch, **lesion, "lesion_by_threshold": {str(t): v for t, v in by_threshold.items()},
                    "held_back_pairs_real": len(held_pairs),
-                   "held_back_pairs_synthetic": len(held_full) - len(held_pairs)}
+                   "held_back_pairs_synthetic": settings.synthetic_per_pair * len(held_pairs)}
         requires = requirements(pipeline, "siamese", {"encoder": net_settings.encoder,
                                                       "in_channels": net_settings.in_channels,
                                                       "patch": net_settings.patch, "rgb": rgb,

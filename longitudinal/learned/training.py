@@ -58,6 +58,11 @@ class TrainSettings:
     pretrained: bool = True
     held_back: float = 0.3  # fraction of patients held back (at least one changed and one stable when possible)
     eval_every: int = 4  # epochs between lesion-level evaluations of the held-back pairs
+    # Siamese, every eval_every epochs: whole-pair inference costs seconds a pair, so the rounds between use the
+    # real held-back pairs only (the last round adds their pasted copies) and mine hard negatives on this many
+    # training pairs (a different draw each round). On the dev split (35 + 19 pairs) a round on every pair took
+    # longer than the 4 epochs before it.
+    mine_pairs: int = 8
     held_back_patches: int = 192
     synthetic_per_pair: int = 2  # held-back pairs: pasted copies (3 changes each) besides the real pair
     threshold: float = 0.5  # probability above which a voxel is flagged (held-back lesion metrics)
