@@ -131,3 +131,20 @@ def test_fit_normative_on_a_stable_sample_pair(tmp_path, capsys):
     assert detector.n_fit_ > 1000
     assert detector.feature_names_ == ("intensity_mean_z", "intensity_max_z", "subtraction_mean_z",
                                        "subtraction_max_z")
+
+
+def test_methods_sharing_an_encoder_score_as_each_does_alone():
+    """evaluate_pair encodes once per encoder: ours and random-encoder side by side give exactly what each gives
+    alone (the random encoder's features are not ours, and sharing changes no figure)."""
+    from longitudinal.evaluation import PairJob, evaluate_pair
+    from longitudinal.timeline import discover, pairs
+
+    patient = next(p for p in discover(SAMPLES / "easy") if p.id == "sub-01")
+    pair = pairs(patient)[0]
+    job = lambda methods: PairJob(SAMPLES / "easy", pair, None, methods)  # noqa: E731
+    together = evaluate_pair(job(("ours", "subtraction", "random-encoder")))["methods"]
+    keys = ("found_lesions", "false_positive_findings", "progression_score", "voxel_auroc", "threshold")
+    for method in ("ours", "random-encoder"):
+        alone = evaluate_pair(job((method,)))["methods"][method]
+        assert {k: together[method][k] for k in keys} == {k: alone[k] for k in keys}, method
+    assert together["ours"]["progression_score"] != together["random-encoder"]["progression_score"]
