@@ -325,3 +325,30 @@ def test_every_sample_visit_registers_to_itself_and_to_a_noisy_copy_as_identity(
         # MI with linear interpolation favours a slight shift on a noisy copy (interpolation smooths the noise):
         # within a third of a voxel of identity is identity
         assert r.qc.max_scale < 1.005 and _tre(r.transform, identity, pts).max() < 0.35 * min(image.spacing)
+
+
+def test_flattening_divides_out_broad_illumination_and_keeps_fine_structure():
+    """registration.flatten_mm: a picture under two different broad illuminations (vignetting, gain) flattens
+    to the same image inside its foreground, and its fine structure survives."""
+    from longitudinal.registration import _flatten
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:160, :160].astype(np.float32)
+    disc = (yy - 80) ** 2 + (xx - 80) ** 2 < 70 ** 2
+    vessels = 100 + 40 * (np.sin(xx / 3.0) > 0.6) + rng.normal(0, 1, disc.shape)
+    r2 = ((yy - 80) ** 2 + (xx - 80) ** 2) / 70.0 ** 2
+
+    def picture(gain: float, vignette: float) -> sitk.Image:
+        return sitk.GetImageFromArray((vessels * gain * (1 - vignette * r2) * disc).astype(np.float32))
+
+    body = sitk.GetImageFromArray(disc.astype(np.uint8))
+    raw_a, raw_b = picture(1.0, 0.1), picture(1.3, 0.4)
+    a = sitk.GetArrayFromImage(_flatten(raw_a, body, 12.0))  # the generic-2d ratio: 50 mm on a 512-pixel picture
+    b = sitk.GetArrayFromImage(_flatten(raw_b, body, 12.0))
+    inner = (yy - 80) ** 2 + (xx - 80) ** 2 < 50 ** 2
+    spread = lambda x, y: float(np.std(np.log(y[inner] / x[inner])))  # noqa: E731  how much the ratio varies
+    before = spread(sitk.GetArrayFromImage(raw_a), sitk.GetArrayFromImage(raw_b))
+    assert before > 0.05 and spread(a, b) < 0.1 * before, (before, spread(a, b))
+    assert abs(np.median(b[inner] / a[inner]) - 1) < 0.02  # the gain is gone
+    assert np.corrcoef(a[inner], vessels[inner])[0, 1] > 0.97
+    assert not a[~disc].any()
