@@ -710,3 +710,24 @@ def test_compare_of_a_pair_that_cannot_be_compared_exits_0_with_the_verdict_in_r
     r = json.loads((tmp_path / "out" / "result.json").read_text())
     assert (r["verdict"], r["reason"], r["progression_score"]) == ("not comparable", reason, None)
     assert report.is_complete(tmp_path / "out")
+
+
+def test_a_report_scored_by_a_trained_model_links_to_its_card(tmp_path):
+    """A supervised verdict names its model and links to the card `longitudinal train` wrote beside it."""
+    model = tmp_path / "models" / "svm.npz"
+    model.parent.mkdir()
+    model.write_bytes(b"not read by the report")
+    card = model.with_name("svm.card.md")
+    card.write_text("# card\n")
+    c = comparison_3d()
+    scoring = dataclasses.replace(TEST_PIPELINE.scoring, detector="svm", model=model)
+    c = dataclasses.replace(c, pipeline=dataclasses.replace(TEST_PIPELINE, scoring=scoring), regions=c.regions[:3])
+    report.write_outputs(c, tmp_path / "out")
+    page = _page(tmp_path / "out")
+    assert f'<a href="{card.resolve().as_uri()}">model card</a>' in page
+    assert "supervised svm model trained with `longitudinal train` (svm.npz)" in _text(page)
+    card.unlink()
+    report.write_outputs(c, tmp_path / "out2")
+    assert "(svm.card.md), which is not beside the model file" in _text(_page(tmp_path / "out2"))
+    report.write_outputs(comparison_3d(), tmp_path / "plain")
+    assert 'id="detector"' not in _page(tmp_path / "plain")  # one-class: nothing trained elsewhere to point to

@@ -8,6 +8,7 @@ and its figures: what a person reads is what a program reads. Wording lives in `
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -105,6 +106,7 @@ class ReportPage:
     footer: str
     summary_href: str | None = None
     finding_titles: tuple[tuple[int, str], ...] = field(default=())
+    detector: tuple[str, str | None] | None = None  # (sentence, model card href) of a supervised detector
 
 
 VERDICT_CLASS = {"progression": "pos", "no progression": "neg", "not comparable": "nc"}
@@ -183,6 +185,23 @@ def _how_to_read(doc: Mapping) -> tuple[tuple[str, str], ...]:
          + " may be missed. Areas outside the field of view both visits share (imaged at one visit only: hatched "
            "or grey in the figures) and anything outside the body are not compared at all."),
     )
+
+
+def _detector(doc: Mapping) -> tuple[str, str | None] | None:
+    """A trained model's sentence and the link to its card (`longitudinal train` writes it beside the model):
+    what a supervised verdict rests on. None for the one-class detectors, which learn from the pair itself."""
+    scoring = ((doc.get("pipeline") or {}).get("settings") or {}).get("scoring") or {}
+    model = scoring.get("model")
+    if not model:
+        return None
+    path = Path(str(model))
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    card = path.with_name(stem + ".card.md")
+    sentence = (f"Changes were scored by a supervised {scoring.get('detector')} model trained with `longitudinal "
+                f"train` ({path.name}). What it was trained on and how it did on held-back pairs is in its model card")
+    if card.is_file():
+        return sentence + ":", card.resolve().as_uri()
+    return sentence + f" ({card.name}), which is not beside the model file.", None
 
 
 def _stat_keys(regions: Sequence[Mapping], limit: int = 2) -> list[str]:
@@ -291,6 +310,6 @@ def report_page(doc: Mapping, figures: Figures, settings: ReportSettings, summar
         context=_region_table(shown_context, doc, False), figures=figures,
         more_findings=max(0, len(findings) - len(figures.findings)), visits=_visit_cards(doc),
         registration=_registration_rows(doc["registration"]), footer=footer, summary_href=summary_href,
-        finding_titles=tuple((r["id"], finding_title(r, doc)) for r in findings),
+        finding_titles=tuple((r["id"], finding_title(r, doc)) for r in findings), detector=_detector(doc),
     )
     return render("report.html.j2", p=page, n_context=len(context), is3d=_is3d(doc))
