@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..timeline import Pair
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +52,27 @@ class PairArrays:
 
 @dataclass(frozen=True)
 class PairSource:
-    """Where a labelled pair comes from."""
+    """Where a labelled pair comes from: the timeline's pair, whose visits load as `batch` and `evaluate` load
+    them (the series the timeline chose, the modality)."""
 
     studies: Path
-    patient: str
-    visit: str
-    baseline: Path
-    followup: Path
+    pair: Pair
+
+    @property
+    def patient(self) -> str:
+        return self.pair.patient_id
+
+    @property
+    def visit(self) -> str:
+        return self.pair.followup.id
+
+    @property
+    def baseline(self) -> Path:
+        return Path(self.pair.baseline.path)
+
+    @property
+    def followup(self) -> Path:
+        return Path(self.pair.followup.path)
 
     @property
     def key(self) -> str:
@@ -81,8 +96,7 @@ def labelled_pairs(folders: list[Path]) -> list[PairSource]:
                 if not any((truth_dir / n).is_file() for n in ("changemask.nii.gz", "changemask.png")):
                     log.warning("training: %s has no changemask, skipped", truth_dir)
                     continue
-                found.append(PairSource(studies, patient.id, pair.followup.id, Path(pair.baseline.path),
-                                        Path(pair.followup.path)))
+                found.append(PairSource(studies, pair))
     if not found:
         raise InputError(folders[0] if folders else None,
                          "no follow-up with a derivatives/changes/<patient>/<visit>/changemask to train on")
@@ -123,9 +137,8 @@ def prepare_pair(source: PairSource, pipeline):
 
     from ..compare import prepare
     from ..evaluation import read_truth
-    from ..io import load_image
 
-    baseline, followup = load_image(source.baseline), load_image(source.followup)
+    baseline, followup = source.pair.baseline.load(), source.pair.followup.load()
     truth_itk, _ = read_truth(source.studies, source.patient, source.visit)
     if tuple(truth_itk.GetSize()) != followup.size:
         raise InputError(source.followup, f"truth mask size {truth_itk.GetSize()} differs from the follow-up's "
@@ -184,7 +197,6 @@ def cached_pairs(sources: list[PairSource], pipeline, cache_dir: Path) -> list[P
 
 def pipeline_for(sources: list[PairSource], pipeline_name: str | None):
     """The named pipeline, or the one `compare` would choose for the first baseline."""
-    from ..io import load_image
     from ..pipeline import for_image, load
 
-    return load(pipeline_name) if pipeline_name else for_image(load_image(sources[0].baseline))
+    return load(pipeline_name) if pipeline_name else for_image(sources[0].pair.baseline.load())
