@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -320,7 +320,8 @@ def findings_of(scores: PairScores, regions: list[Region], labels: np.ndarray | 
     candidates = outline(candidate_voxels, maps.signed, maps.fine, mask, region_of_voxel, scores.region_scores,
                          baseline_gray,
                          followup_gray, spacing_zyx, scoring.merge_mm, scoring.extent_fraction,
-                         scoring.min_change, scoring.extent_floor, scoring.relative_change, scoring.min_volume_mm3)
+                         scoring.min_change, scoring.extent_floor, scoring.relative_change, scoring.min_volume_mm3,
+                         maps.evidence, maps.evidence_min)
     found = [c for c in candidates if c.score > scores.threshold]
     pair_score = candidates[0].score if candidates else min(floor, float(scores.region_scores.max(initial=floor)))
     return found, float(pair_score)
@@ -382,6 +383,9 @@ def region_features_prepared(prepared: Prepared, scoring: ScoringSettings, featu
         extra["siamese"] = change_probability(trained, prepared).probability
     mask = scored_mask(prepared.mask, spacing_zyx, scoring.edge_margin_mm)
     maps = change_maps(b_arr, f_arr, features_b, features_f, mask, spacing_zyx, scoring, extra)
+    if "siamese" in extra:
+        maps = replace(maps, evidence=np.where(maps.mask, extra["siamese"], 0.0),
+                                   evidence_min=trained.operating_threshold(scoring.false_findings_per_pair))
     regions, labels = prepared.regions, prepared.labels
     if regions is None:
         regions, labels = component_regions(prepared.baseline.itk, mask, combined_change(maps.maps),

@@ -35,7 +35,8 @@ class Finding:
 def outline(groups_of: np.ndarray, signed: np.ndarray, fine: np.ndarray, inside: np.ndarray,
             region_of_voxel: np.ndarray, region_scores: np.ndarray, baseline: np.ndarray, followup: np.ndarray,
             spacing_zyx, merge_mm: float, extent_fraction: float = 0.5, min_change: float = 4.0,
-            extent_floor: float = 2.0, relative_change: float = 0.0, min_volume_mm3: float = 0.0) -> list[Finding]:
+            extent_floor: float = 2.0, relative_change: float = 0.0, min_volume_mm3: float = 0.0,
+            evidence: np.ndarray | None = None, evidence_min: float = 0.5) -> list[Finding]:
     """Findings of a pair, highest score first.
 
     groups_of: voxels of the regions to turn into findings; signed: the pooled signed change in units of its own
@@ -49,7 +50,11 @@ def outline(groups_of: np.ndarray, signed: np.ndarray, fine: np.ndarray, inside:
     `extent_fraction` of its plateau; its score is the best score of the regions holding them. So two lesions
     in one group are two findings, and a group with no measurable change of its tissue gives none. Pieces whose
     pooled change is under `relative_change` times the group's strongest (the halo harmonisation leaves around
-    a strong lesion, noise beside it) or smaller than `min_volume_mm3` are left out."""
+    a strong lesion, noise beside it) or smaller than `min_volume_mm3` are left out.
+
+    evidence: a supervised detector's own voxel map (the Siamese network's change probability). Its pieces at or
+    above `evidence_min` are the changed tissue then, in place of the intensity gate: a model trained on labelled
+    changes says where they are, including subtle ones the pooled intensity change never lifts above noise."""
     spacing = np.asarray(spacing_zyx, float)
     voxel_mm3 = float(np.prod(spacing))
     steps = max(1, round(merge_mm / 2 / float(spacing.min())))  # both pieces grow by half the gap
@@ -65,6 +70,32 @@ def outline(groups_of: np.ndarray, signed: np.ndarray, fine: np.ndarray, inside:
         members = groups[box] == k
         zone = ndimage.binary_dilation(members, structure, iterations=steps) & inside[box]
         owner = region_of_voxel[box]
+
+        def add(tissue: np.ndarray, seed: tuple[int, ...]) -> None:
+            """The piece `tissue` (in the box) as a finding, when it is big enough and in a scored region."""
+            if tissue.sum() * voxel_mm3 < min_volume_mm3:
+                return
+            regions = owner[tissue]
+            regions = regions[regions >= 0]
+            if not regions.size:
+                return
+            best = int(regions[np.argmax(region_scores[regions])])
+            b, f = baseline[box][tissue].astype(np.float64), followup[box][tissue].astype(np.float64)
+            mean_b = float(b.mean())
+            change = 100.0 * (float(f.mean()) - mean_b) / abs(mean_b) if abs(mean_b) > 1e-12 else math.nan
+            voxels = np.argwhere(tissue) + offset
+            out.append(Finding(voxels=voxels, peak=tuple(int(v) for v in np.add(seed, offset)),
+                               volume_mm3=len(voxels) * voxel_mm3, diameter_mm=largest_extent(voxels, spacing),
+                               mean_change_pct=change, score=float(region_scores[best]), region=best))
+
+        if evidence is not None:
+            ev = np.where(zone, evidence[box], 0.0)
+            pieces, n = ndimage.label(ev >= evidence_min, structure)
+            for piece in range(1, n + 1):
+                tissue = pieces == piece
+                if (tissue & members).any():
+                    add(tissue, np.unravel_index(int(np.argmax(np.where(tissue, ev, -np.inf))), ev.shape))
+            continue
         strongest = float(np.abs(np.where(zone, signed[box], 0.0)).max())
         for sign in (1.0, -1.0):
             detail = sign * np.where(zone, fine[box], 0.0)
@@ -80,21 +111,7 @@ def outline(groups_of: np.ndarray, signed: np.ndarray, fine: np.ndarray, inside:
                 tissue = where & (detail >= max(extent_floor, extent_fraction * plateau))
                 labels, _ = ndimage.label(tissue, structure)
                 seed = np.unravel_index(int(np.argmax(np.where(where, detail, -np.inf))), detail.shape)
-                tissue = labels == labels[seed]
-                if tissue.sum() * voxel_mm3 < min_volume_mm3:
-                    continue
-                regions = owner[tissue]
-                regions = regions[regions >= 0]
-                best = int(regions[np.argmax(region_scores[regions])]) if regions.size else -1
-                if best < 0:
-                    continue
-                b, f = baseline[box][tissue].astype(np.float64), followup[box][tissue].astype(np.float64)
-                mean_b = float(b.mean())
-                change = 100.0 * (float(f.mean()) - mean_b) / abs(mean_b) if abs(mean_b) > 1e-12 else math.nan
-                voxels = np.argwhere(tissue) + offset
-                out.append(Finding(voxels=voxels, peak=tuple(int(v) for v in np.add(seed, offset)),
-                                   volume_mm3=len(voxels) * voxel_mm3, diameter_mm=largest_extent(voxels, spacing),
-                                   mean_change_pct=change, score=float(region_scores[best]), region=best))
+                add(labels == labels[seed], seed)
     return sorted(out, key=lambda f: -f.score if math.isfinite(f.score) else math.inf)
 
 

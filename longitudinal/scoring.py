@@ -229,6 +229,10 @@ class ChangeMaps:
     signed: np.ndarray  # pooled signed change in units of its noise (+: brighter at follow-up), 0 outside
     fine: np.ndarray  # the same, smoothed but not pooled: where the changed tissue ends
     mask: np.ndarray  # the voxels the maps were computed on (and that regions, scores and findings use)
+    # a supervised detector's own voxel map (Siamese: change probability) and the level at which its voxels are
+    # changed tissue: findings are its pieces then (findings.outline), not the intensity gate's
+    evidence: np.ndarray | None = None
+    evidence_min: float = 0.5
 
 
 def change_maps(

@@ -271,3 +271,38 @@ def test_more_changed_regions_than_fitted_rows_still_fit_both_classes():
     assert len(model.fit_y_) == 40 and model.fit_y_.sum() == 20
     p = predict_regions(model, X, ("a", "b", "c"))
     assert p[y].mean() > p[~y].mean()
+
+
+def test_siamese_findings_are_the_pieces_its_probability_marks_not_the_intensity_gates():
+    """With a Siamese model, findings are the connected voxels at or above its operating probability (touching a
+    scored region), whatever the pooled intensity change says; without evidence, the intensity gate decides."""
+    from longitudinal.findings import outline
+
+    shape = (20, 30, 30)
+    groups = np.zeros(shape, bool)
+    groups[5:15, 5:25, 5:25] = True
+    inside = np.ones(shape, bool)
+    region_of_voxel = np.where(groups, 0, -1)
+    scores = np.array([6.0])
+    flat = np.zeros(shape, np.float32)  # no measurable intensity change anywhere
+    image = np.full(shape, 100.0, np.float32)
+    evidence = np.zeros(shape, np.float32)
+    evidence[8:11, 8:11, 8:11] = 0.97  # a subtle lesion the model is sure of
+    evidence[12:14, 18:20, 18:20] = 0.85  # below its operating level
+    evidence[0:2, 0:2, 0:2] = 0.99  # outside every scored region
+    common = (groups, flat, flat, inside, region_of_voxel, scores, image, image, (1.0, 1.0, 1.0), 4.0)
+    found = outline(*common, evidence=evidence, evidence_min=0.9)
+    assert len(found) == 1 and found[0].volume_mm3 == 27 and found[0].score == 6.0
+    assert {tuple(v) for v in found[0].voxels} == {(z, y, x) for z in range(8, 11) for y in range(8, 11)
+                                                   for x in range(8, 11)}
+    assert outline(*common) == []  # the intensity gate: nothing changed
+
+
+def test_the_siamese_operating_level_is_the_lowest_that_kept_held_back_false_findings_within_the_setting():
+    net = SiameseNet(_tiny()[0], pretrained=False)
+    by = {"0.5": {"false_positive_findings_per_pair": 5.3}, "0.8": {"false_positive_findings_per_pair": 0.74},
+          "0.9": {"false_positive_findings_per_pair": 0.16}, "0.95": {"false_positive_findings_per_pair": 0.0}}
+    model = SiameseModel(net, (1.0, 1.0, 1.0), False, {"metrics": {"lesion_by_threshold": by}})
+    assert model.operating_threshold(0.2) == 0.9 and model.operating_threshold(1.0) == 0.8
+    assert model.operating_threshold(0.0) == 0.95
+    assert SiameseModel(net, (1.0, 1.0, 1.0), False, {}).operating_threshold(0.2) == 0.5

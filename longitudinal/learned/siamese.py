@@ -11,6 +11,7 @@ change logit per voxel.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -205,6 +206,15 @@ class SiameseModel:
     spacing: tuple[float, ...]  # mm per voxel of the working grid, numpy order (z, y, x) or (y, x)
     rgb: bool  # trained on RGB 2D images (else gray volumes or images)
     card: dict
+
+    def operating_threshold(self, false_findings_per_pair: float) -> float:
+        """The lowest probability at which the held-back pairs of its training (the card's lesion figures by
+        threshold) had at most `false_findings_per_pair`: where its voxels count as changed tissue. A card
+        without them (or where none qualifies): the highest threshold it lists, else 0.5."""
+        by = (self.card.get("metrics") or {}).get("lesion_by_threshold") or {}
+        rows = sorted((float(t), v.get("false_positive_findings_per_pair", math.inf)) for t, v in by.items())
+        ok = [t for t, fp in rows if fp <= false_findings_per_pair]
+        return ok[0] if ok else (rows[-1][0] if rows else 0.5)
 
     def save(self, path, card: dict | None = None) -> None:
         """Model file: every tensor flattened into one array per dtype plus the card (modelfile: no pickle)."""
