@@ -725,7 +725,7 @@ def test_a_report_scored_by_a_trained_model_links_to_its_card(tmp_path):
     report.write_outputs(c, tmp_path / "out")
     page = _page(tmp_path / "out")
     assert f'<a href="{card.resolve().as_uri()}">model card</a>' in page
-    assert "supervised svm model trained with `longitudinal train` (svm.npz)" in _text(page)
+    assert "supervised svm model trained with 'longitudinal train' (svm.npz)" in _text(page)
     card.unlink()
     report.write_outputs(c, tmp_path / "out2")
     assert "(svm.card.md), which is not beside the model file" in _text(_page(tmp_path / "out2"))

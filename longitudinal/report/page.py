@@ -197,8 +197,9 @@ def _detector(doc: Mapping) -> tuple[str, str | None] | None:
     path = Path(str(model))
     stem = path.name[: -len(path.suffix)] if path.suffix else path.name
     card = path.with_name(stem + ".card.md")
-    sentence = (f"Changes were scored by a supervised {scoring.get('detector')} model trained with `longitudinal "
-                f"train` ({path.name}). What it was trained on and how it did on held-back pairs is in its model card")
+    sentence = (f"Changes were scored by a supervised {scoring.get('detector')} model trained with "
+                f"'longitudinal train' ({path.name}). What it was trained on and how it did on held-back pairs is "
+                "in its model card")
     if card.is_file():
         return sentence + ":", card.resolve().as_uri()
     return sentence + f" ({card.name}), which is not beside the model file.", None
