@@ -385,7 +385,7 @@ def region_features_prepared(prepared: Prepared, scoring: ScoringSettings, featu
     maps = change_maps(b_arr, f_arr, features_b, features_f, mask, spacing_zyx, scoring, extra)
     if "siamese" in extra:
         maps = replace(maps, evidence=np.where(maps.mask, extra["siamese"], 0.0),
-                                   evidence_min=trained.operating_threshold(scoring.false_findings_per_pair))
+                       evidence_min=trained.operating_threshold(scoring.false_findings_per_pair))
     regions, labels = prepared.regions, prepared.labels
     if regions is None:
         regions, labels = component_regions(prepared.baseline.itk, mask, combined_change(maps.maps),

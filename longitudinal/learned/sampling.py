@@ -109,7 +109,7 @@ def prepare_for_sampling(pair: PairArrays, target_spacing: tuple[float, ...], co
 
 def channels(volume: np.ndarray, z: int, context: int, rgb: bool) -> np.ndarray:
     """The network's input channels of slice z, (3, Y, X): the slice and its `context` neighbours each side
-    (edges repeated), or a 2D image's RGB; as `siamese.as_stack` gives them for a whole volume."""
+    (edges repeated), or a 2D image's RGB. Training patches and `siamese.as_stack` (a whole volume) both use it."""
     if rgb:
         return np.moveaxis(volume[z], -1, 0)
     return volume[np.clip(np.arange(z - context, z + context + 1), 0, len(volume) - 1)]

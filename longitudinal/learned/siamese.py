@@ -111,7 +111,8 @@ class SiameseNet(nn.Module):
         return groups
 
     def train(self, mode: bool = True) -> "SiameseNet":
-        """Batch-norm statistics of the pretrained encoder stay frozen (patch batches are small)."""
+        """Batch-norm statistics of the encoder stay frozen when `frozen_norm` (pretrained: patch batches are
+        small); the rest trains."""
         super().train(mode)
         if self.frozen_norm:
             self.backbone.eval()
@@ -129,13 +130,11 @@ def window_of(baseline: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
 def as_stack(volume: np.ndarray, window: tuple[float, float], rgb: bool, context: int = 1) -> np.ndarray:
     """(n, 3, h, w) float32 in [0, 1]: per slice, the slice and its neighbours (edges repeated), or the 2D
     image's RGB (gray: three times)."""
+    from .sampling import channels
+
     unit = scale_to_unit(volume, window)
-    if rgb:
-        return np.ascontiguousarray(np.moveaxis(unit, -1, 0))[None]
-    if unit.ndim == 2:
-        return np.repeat(unit[None, None], 2 * context + 1, axis=1)
-    idx = np.clip(np.arange(unit.shape[0])[:, None] + np.arange(-context, context + 1)[None], 0, unit.shape[0] - 1)
-    return unit[idx]
+    unit = unit[None] if rgb or unit.ndim == 2 else unit  # one slice: (1, Y, X[, 3])
+    return np.ascontiguousarray(np.stack([channels(unit, z, context, rgb) for z in range(len(unit))]))
 
 
 # ------------------------------------------------------------------------------------------------ inference

@@ -194,9 +194,10 @@ def _detector(doc: Mapping) -> tuple[str, str | None] | None:
     model = scoring.get("model")
     if not model:
         return None
+    from ..learned.training import Outputs  # where `train` put the card: one naming rule
+
     path = Path(str(model))
-    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
-    card = path.with_name(stem + ".card.md")
+    card = Outputs(path).card_md
     sentence = (f"Changes were scored by a supervised {scoring.get('detector')} model trained with "
                 f"'longitudinal train' ({path.name}). What it was trained on and how it did on held-back pairs is "
                 "in its model card")
