@@ -311,7 +311,9 @@ def _setup_logging(level: int) -> None:
     """Our own logger only (not the root), one handler however often main() runs in a process."""
     for old in [h for h in log.handlers if getattr(h, "_longitudinal_cli", False)]:
         log.removeHandler(old)
-    handler = logging.StreamHandler(sys.stderr)  # the current stderr: callers and tests may swap it
+    from .io.native import StderrHandler
+
+    handler = StderrHandler(sys.stderr)  # the current stderr: callers and tests may swap it
     handler._longitudinal_cli = True
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     log.addHandler(handler)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from .pipeline import Pipeline
     from .regions import Region
     from .registration import Registration
-    from .scoring import ChangeDetector, ChangeMaps, PairScores, ScoringSettings
+    from .scoring import ChangeDetector, ChangeMaps, IntensityChange, PairScores, ScoringSettings
 
 Verdict = Literal["progression", "no progression", "not comparable"]
 VERDICTS: tuple[Verdict, ...] = ("progression", "no progression", "not comparable")
@@ -241,11 +242,18 @@ def score_prepared(prepared: Prepared, detector: ChangeDetector | None = None,
     clock = time.perf_counter()
     features_b = features_f = None
     encoder_info = {"name": "none"}
-    if "encoder" in scoring.maps:
-        features_b, features_f, encoder_info = features or encode_prepared(prepared, encoder_settings)
-    timings["encoding"] = round(time.perf_counter() - clock, 3)
-    clock = time.perf_counter()
-    X, names, regions, labels, maps = region_features_prepared(prepared, scoring, features_b, features_f, trained)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # the intensity maps need no features: made while the encoder runs (scipy and torch both work outside
+        # the GIL), the same arrays as after it
+        intensity = pool.submit(intensity_prepared, prepared, scoring)
+        if "encoder" in scoring.maps:
+            features_b, features_f, encoder_info = features or encode_prepared(prepared, encoder_settings)
+        timings["encoding"] = round(time.perf_counter() - clock, 3)
+        clock = time.perf_counter()
+        intensity_maps = intensity.result()
+    X, names, regions, labels, maps = region_features_prepared(prepared, scoring, features_b, features_f, trained,
+                                                               intensity_maps)
+    del features_b, features_f, intensity_maps  # the maps hold what is left to use (1 mm: the features are 210 MB)
     spacing_zyx = tuple(reversed(baseline.spacing))
     mask = maps.mask
     scores = score_regions(X, names, regions, mask, labels, spacing_zyx, scoring, detector, trained)
@@ -365,24 +373,38 @@ def _without_scores(prepared: Prepared, scoring: ScoringSettings) -> Comparison:
     )
 
 
-def region_features_prepared(prepared: Prepared, scoring: ScoringSettings, features_b: FeatureMap | None = None,
-                             features_f: FeatureMap | None = None, trained=None):
-    """(X, feature names, regions, labels, change maps) of a prepared pair: the change maps pooled over its
-    regions. Component regions are made here, from the change maps themselves. A Siamese model (`trained`) adds
-    its voxel map of change probability as the "siamese" map."""
-    from .regions import component_regions
-    from .scoring import change_maps, combined_change, feature_names, region_features
-
+def _scoring_inputs(prepared: Prepared, scoring: ScoringSettings):
+    """(baseline grey, follow-up grey, scored mask, spacing zyx): what the change maps are computed from."""
     b_arr = gray_array(prepared.baseline_harmonised.array.astype(np.float32))
     f_arr = gray_array(prepared.followup_harmonised.array.astype(np.float32))
     spacing_zyx = tuple(reversed(prepared.baseline.spacing))
+    return b_arr, f_arr, scored_mask(prepared.mask, spacing_zyx, scoring.edge_margin_mm), spacing_zyx
+
+
+def intensity_prepared(prepared: Prepared, scoring: ScoringSettings) -> IntensityChange:
+    """The intensity change maps of a prepared pair (`scoring.intensity_change` on its scored mask)."""
+    from .scoring import intensity_change
+
+    b_arr, f_arr, mask, spacing_zyx = _scoring_inputs(prepared, scoring)
+    return intensity_change(b_arr, f_arr, mask, spacing_zyx, scoring)
+
+
+def region_features_prepared(prepared: Prepared, scoring: ScoringSettings, features_b: FeatureMap | None = None,
+                             features_f: FeatureMap | None = None, trained=None,
+                             intensity: IntensityChange | None = None):
+    """(X, feature names, regions, labels, change maps) of a prepared pair: the change maps pooled over its
+    regions. Component regions are made here, from the change maps themselves. A Siamese model (`trained`) adds
+    its voxel map of change probability as the "siamese" map. `intensity`: `intensity_prepared` already run."""
+    from .regions import component_regions
+    from .scoring import change_maps, combined_change, feature_names, region_features
+
+    b_arr, f_arr, mask, spacing_zyx = _scoring_inputs(prepared, scoring)
     extra = {}
     if scoring.detector == "siamese":
         from .learned import change_probability
 
         extra["siamese"] = change_probability(trained, prepared).probability
-    mask = scored_mask(prepared.mask, spacing_zyx, scoring.edge_margin_mm)
-    maps = change_maps(b_arr, f_arr, features_b, features_f, mask, spacing_zyx, scoring, extra)
+    maps = change_maps(b_arr, f_arr, features_b, features_f, mask, spacing_zyx, scoring, extra, intensity)
     if "siamese" in extra:
         maps = replace(maps, evidence=np.where(maps.mask, extra["siamese"], 0.0),
                        evidence_min=trained.operating_threshold(scoring.false_findings_per_pair))

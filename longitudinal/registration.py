@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,8 +76,9 @@ class RegistrationSettings:
     bspline_shrink_factors: tuple[int, ...] = (4, 2)
     bspline_smoothing_sigmas_mm: tuple[float, ...] = (2.0, 1.0)
     seed: int = 1234
-    # ITK threads while registering. ITK's threaded metric sums in a varying order, so more than one thread gives
-    # a slightly different transform on every run; 1 gives the same bytes out for the same input, always.
+    # ITK threads of the metric and the optimiser. ITK's threaded metric sums in a varying order, so more than
+    # one gives a slightly different transform on every run; 1 gives the same bytes out for the same input,
+    # always. The images' smoothing and resampling compute each voxel on its own and run on the process's threads.
     threads: int = 1
     # quality control thresholds
     qc_min_dice: float = 0.9  # foreground masks, inside the follow-up's field of view, near the region that matters
@@ -325,6 +327,15 @@ def itk_threads(n: int) -> Iterator[None]:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
 
 
+def registration_method(threads: int) -> sitk.ImageRegistrationMethod:
+    """An ImageRegistrationMethod whose metric and optimiser use `threads` ITK threads. Only they: the pyramid's
+    Gaussian smoothing, most of a level's time, is made by filters on the process's default count."""
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetNumberOfThreads(threads)
+    reg.SetNumberOfWorkUnits(threads)  # the metric's threader splits by work units: both, or it runs in parallel
+    return reg
+
+
 def set_metric_sampling(reg: sitk.ImageRegistrationMethod, fixed_mask: sitk.Image | None, shrink, fraction: float,
                         min_samples: int, seed: int) -> None:
     """Random sampling with about the same sample count at every level: coarse levels have fewer voxels, so they
@@ -340,7 +351,7 @@ def set_metric_sampling(reg: sitk.ImageRegistrationMethod, fixed_mask: sitk.Imag
 def _method(settings: RegistrationSettings, fixed_mask: sitk.Image | None, shrink, sigmas,
             sampling_fraction: float | None = None) -> sitk.ImageRegistrationMethod:
     """A configured ImageRegistrationMethod, sampling inside `fixed_mask`."""
-    reg = sitk.ImageRegistrationMethod()
+    reg = registration_method(settings.threads)
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=settings.metric_bins)
     # On-the-fly central differences: a full-resolution gradient image per level costs more than it brings.
     reg.MetricUseFixedImageGradientFilterOff()
@@ -489,7 +500,7 @@ class _Probe:
         self.f_roi = sitk.GetArrayViewFromImage(self.f_small)[self.roi].astype(np.float64)
 
     def metric(self, tx: sitk.Transform) -> float:
-        reg = sitk.ImageRegistrationMethod()
+        reg = registration_method(self.settings.threads)
         reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=self.settings.metric_bins)
         reg.SetMetricSamplingStrategy(reg.NONE)
         reg.SetMetricFixedMask(self.roi_small)
@@ -517,16 +528,24 @@ class _Probe:
         return dice, ncc, shared
 
 
-def _quality(probe: _Probe, transform: sitk.Transform, stages, init: str) -> RegistrationQC:
+def _quality(probe: _Probe, transform: sitk.Transform, stages, init: str,
+             metric: float | None = None) -> RegistrationQC:
+    """QC of `transform` against identity; `metric`: the transform's probe MI when already measured."""
     settings = probe.settings
     dim = probe.f_small.GetDimension()
     identity = sitk.Transform(dim, sitk.sitkIdentity)
-    m_final, m_ident = probe.metric(transform), probe.metric(identity)
-    dice, ncc, shared = probe.overlap(transform)
-    try:
-        idice, incc, _ = probe.overlap(identity)
-    except RuntimeError:
-        idice, incc = 0.0, 0.0
+    # the four measures at once: each is mostly single-threaded ITK (outside the GIL) on its own images
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        final = pool.submit(probe.metric, transform) if metric is None else None
+        ident = pool.submit(probe.metric, identity)
+        fit, unmoved = pool.submit(probe.overlap, transform), pool.submit(probe.overlap, identity)
+        m_final = final.result() if final is not None else metric
+        m_ident = ident.result()
+        dice, ncc, shared = fit.result()
+        try:
+            idice, incc, _ = unmoved.result()
+        except RuntimeError:
+            idice, incc = 0.0, 0.0
     fmask, f_small = probe.roi, probe.f_small
 
     reasons: list[str] = []
@@ -627,12 +646,6 @@ def register(
     constant image, no physical overlap, optimiser failure). A poor but finished registration is
     returned with `qc.suspect` set and the reasons listed.
     """
-    with itk_threads(settings.threads):
-        return _register(fixed, moving, settings, fixed_body, moving_body, roi)
-
-
-def _register(fixed: Image, moving: Image, settings: RegistrationSettings, fixed_body: sitk.Image | None,
-              moving_body: sitk.Image | None, roi: sitk.Image | None) -> Registration:
     t0 = time.perf_counter()
     _check_inputs(fixed, moving)
     dim = fixed.dim
@@ -677,7 +690,8 @@ def _register(fixed: Image, moving: Image, settings: RegistrationSettings, fixed
             tx = current
             kept.append((kind, _as_affine(tx, dim)))
             stages_run.append(kind if settings.iterations > 0 else f"{kind}(0 iterations)")
-        values = [probe.metric(t) for _, t in kept]
+        with ThreadPoolExecutor(max_workers=2) as pool:  # single-threaded ITK each, outside the GIL
+            values = list(pool.map(probe.metric, [t for _, t in kept]))
         best = int(np.nanargmin(values)) if np.isfinite(values).any() else len(kept) - 1
         if best != len(kept) - 1:
             log.info("registration: the %s pose fits better than the %s result (MI %.4f vs %.4f); kept it",
@@ -708,7 +722,9 @@ def _register(fixed: Image, moving: Image, settings: RegistrationSettings, fixed
     if tx.GetName() != "CompositeTransform":
         tx = tx.Downcast()
     registered = sitk.Resample(moving.itk, fixed.itk, tx, sitk.sitkLinear, 0.0)
-    qc = dataclasses.replace(_quality(probe, tx, stages_run, init_mode), seconds=time.perf_counter() - t0)
+    # the kept linear pose's MI is known unless a deformable stage followed
+    known = values[best] if "bspline" not in stages_run else None
+    qc = dataclasses.replace(_quality(probe, tx, stages_run, init_mode, known), seconds=time.perf_counter() - t0)
     if qc.suspect:
         log.warning("registration suspect: %s", "; ".join(qc.reasons))
     log.info("registered in %.1f s (%s), Dice %.3f, NCC %.3f", qc.seconds, "+".join(stages_run), qc.dice, qc.ncc)

@@ -151,8 +151,12 @@ def _robust_z(values: np.ndarray, inside: np.ndarray) -> np.ndarray:
     return ((values - median) / scale).astype(np.float32)
 
 
+# (|change| less its surround, pooled signed change, fine signed change): `intensity_change`
+IntensityChange = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
 def intensity_change(baseline: np.ndarray, followup: np.ndarray, mask: np.ndarray, spacing_zyx,
-                     settings: "ScoringSettings") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     settings: "ScoringSettings") -> IntensityChange:
     """(|change|, signed change, fine signed change), in units of what noise (and, for the first two,
     misalignment) alone would produce at each voxel.
 
@@ -166,12 +170,15 @@ def intensity_change(baseline: np.ndarray, followup: np.ndarray, mask: np.ndarra
     lf = np.log(np.maximum(followup.astype(np.float32), floor))
     sigma = settings.smoothing_mm / sp
     sb, sf = ndimage.gaussian_filter(lb, sigma), ndimage.gaussian_filter(lf, sigma)
+    del lb, lf  # each intermediate is a whole volume (35 MB at 1 mm): freed as soon as it is used
     # Misalignment moves edges that both visits have; an edge in one visit only (a new lesion's rim) is change,
     # so the tolerated gradient is the smaller of the two visits' at each voxel.
     grad2 = np.minimum(*(sum((ndimage.sobel(v, axis=a) / (8.0 * sp[a])) ** 2 for a in range(v.ndim)) for v in (sb, sf)))
     diff = np.where(inside, sf - sb, 0.0)
+    del sb, sf
     noise = float(median_abs_deviation(diff[inside], scale="normal")) if inside.any() else 1.0
     z = diff / np.sqrt(noise ** 2 + grad2 * settings.misalignment_mm ** 2 + 1e-12)
+    del grad2
     # a lesion changes its voxels the same way: pool the signed change over about its size (matched filter)
     z = z.astype(np.float32)
     pooled = masked_smooth(z, inside, settings.pool_mm / sp)
@@ -244,12 +251,16 @@ def change_maps(
     spacing_zyx: tuple[float, ...],
     settings: ScoringSettings,
     extra: dict[str, np.ndarray] | None = None,
+    intensity: IntensityChange | None = None,
 ) -> ChangeMaps:
     """Voxel maps of change on the baseline grid, each robustly standardised inside the mask; `extra`: maps made
-    elsewhere (a learned detector's voxel map), standardised the same way."""
+    elsewhere (a learned detector's voxel map), standardised the same way; `intensity`: `intensity_change` of
+    these arrays, when already computed."""
     inside = mask.astype(bool)
     maps: dict[str, np.ndarray] = {}
-    magnitude, signed, fine = intensity_change(baseline, followup, mask, spacing_zyx, settings)
+    if intensity is None:
+        intensity = intensity_change(baseline, followup, mask, spacing_zyx, settings)
+    magnitude, signed, fine = intensity
     if "intensity" in settings.maps:
         maps["intensity"] = _robust_z(magnitude, inside)
     if "subtraction" in settings.maps:

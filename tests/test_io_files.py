@@ -230,3 +230,73 @@ def test_the_io_package_keeps_its_public_names_and_no_test_writer():
         assert hasattr(io, name), name
     assert not hasattr(io, "write_dicom_series")
     assert Path(io.__file__).name == "__init__.py"
+
+
+def test_captures_in_two_threads_leave_stderr_where_it_was(capfd):
+    # write_outputs runs writers in threads. A capture that started inside another and ended after it put back
+    # what it had saved, the other's temp file: everything written to stderr after went into a closed file.
+    import threading
+    import time
+
+    from longitudinal.io.native import library_messages
+
+    a_in, b_in = threading.Event(), threading.Event()
+    got: dict[str, list[str]] = {}
+
+    def first() -> None:
+        with library_messages("a") as lines:
+            a_in.set()
+            b_in.wait(timeout=0.5)  # one at a time: b starts only after a has ended
+            os.write(2, b"inside a\n")
+        got["a"] = lines
+
+    def second() -> None:
+        a_in.wait()
+        with library_messages("b") as lines:
+            b_in.set()
+            time.sleep(0.3)
+            os.write(2, b"inside b\n")
+        got["b"] = lines
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    os.write(2, b"after both\n")
+    _, err = capfd.readouterr()
+    assert got == {"a": ["inside a"], "b": ["inside b"]}
+    assert err == "after both\n"
+
+
+def test_a_log_record_from_another_thread_waits_for_a_capture_to_end(capfd):
+    import threading
+    import time
+
+    from longitudinal.io.native import StderrHandler, library_messages
+
+    logger = logging.getLogger("longitudinal.test_capture")
+    stream = open(2, "w", closefd=False)  # file descriptor 2 itself, which a capture redirects
+    handler = StderrHandler(stream)
+    logger.addHandler(handler)
+    started = threading.Event()
+    captured: list[str] = []
+
+    def capture() -> None:
+        with library_messages("library") as lines:
+            started.set()
+            time.sleep(0.3)
+        captured.extend(lines)
+
+    try:
+        t = threading.Thread(target=capture)
+        t.start()
+        started.wait()
+        logger.warning("a warning the user must see")
+        t.join()
+    finally:
+        logger.removeHandler(handler)
+        stream.close()
+    _, err = capfd.readouterr()
+    assert captured == []
+    assert "a warning the user must see" in err

@@ -14,10 +14,24 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
+
+# File descriptor 2 and the warnings filters belong to the whole process: two threads capturing at once would
+# restore each other's redirection (stderr left pointing at a closed capture). One capture at a time.
+_CAPTURE = threading.RLock()
+
+
+class StderrHandler(logging.StreamHandler):
+    """A log handler whose records wait while another thread captures stderr (they would be swallowed into that
+    capture); the capturing thread's own records go through, as before."""
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        with _CAPTURE:  # taken before the handler's own lock: always in that order, so no deadlock
+            return super().handle(record)
 
 
 @contextlib.contextmanager
@@ -30,7 +44,7 @@ def library_messages(what: str) -> Iterator[list[str]]:
     caught: list[warnings.WarningMessage] = []
     native: list[str] = []
     try:
-        with warnings.catch_warnings(record=True) as caught, _native_stderr() as native:
+        with _CAPTURE, warnings.catch_warnings(record=True) as caught, _native_stderr() as native:
             warnings.simplefilter("always")
             yield lines
     finally:
