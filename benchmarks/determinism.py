@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -44,7 +45,9 @@ def files_of(folder: Path) -> dict[str, str]:
 
 
 def run(studies: Path, out: Path, jobs: int) -> float:
-    """One batch in a fresh process; its wall time. A batch that fails is reported, not compared."""
+    """One batch in a fresh process and an emptied folder (batch resumes from complete folders: a leftover of an
+    earlier run would be compared instead); its wall time. A batch that fails is reported, not compared."""
+    shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     done = subprocess.run([str(Path(sys.executable).parent / "longitudinal"), "batch", str(studies), "-o", str(out),
                            "--jobs", str(jobs), "--no-dicom-out"], capture_output=True, text=True)

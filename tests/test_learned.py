@@ -298,6 +298,31 @@ def test_siamese_findings_are_the_pieces_its_probability_marks_not_the_intensity
     assert outline(*common) == []  # the intensity gate: nothing changed
 
 
+def test_a_siamese_finding_is_the_extent_around_a_voxel_at_its_operating_level():
+    """A small lesion the model is sure of has only a few voxels at its operating level: the finding is the
+    connected tissue at or above `evidence_extent` around them, so it passes the volume floor and measures the
+    lesion, not its core; a piece that never reaches the operating level stays out however large."""
+    from longitudinal.findings import outline
+
+    shape = (20, 30, 30)
+    groups = np.ones(shape, bool)
+    inside = np.ones(shape, bool)
+    region_of_voxel = np.zeros(shape, np.int64)
+    flat = np.zeros(shape, np.float32)
+    image = np.full(shape, 100.0, np.float32)
+    evidence = np.zeros(shape, np.float32)
+    evidence[6:10, 6:10, 6:10] = 0.7  # the lesion (64 voxels) ...
+    evidence[7:9, 7:8, 7:8] = 0.97  # ... with two voxels the model is sure of
+    evidence[12:18, 15:25, 15:25] = 0.8  # a large piece below the operating level
+    common = (groups, flat, flat, inside, region_of_voxel, np.array([6.0]), image, image, (1.0, 1.0, 1.0), 4.0)
+    kwargs = dict(min_volume_mm3=10.0, evidence=evidence, evidence_min=0.9)
+    found = outline(*common, **kwargs, evidence_extent=0.5)
+    assert len(found) == 1 and found[0].volume_mm3 == 64
+    assert {tuple(v) for v in found[0].voxels} == {(z, y, x) for z in range(6, 10) for y in range(6, 10)
+                                                   for x in range(6, 10)}
+    assert outline(*common, **kwargs, evidence_extent=0.9) == []  # the sure core alone: under the volume floor
+
+
 def test_the_siamese_operating_level_is_the_lowest_that_kept_held_back_false_findings_within_the_setting():
     net = SiameseNet(_tiny()[0], pretrained=False)
     by = {"0.5": {"false_positive_findings_per_pair": 5.3}, "0.8": {"false_positive_findings_per_pair": 0.74},
