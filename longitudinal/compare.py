@@ -242,18 +242,21 @@ def score_prepared(prepared: Prepared, detector: ChangeDetector | None = None,
     clock = time.perf_counter()
     features_b = features_f = None
     encoder_info = {"name": "none"}
+    from .scoring import intensity_change
+
+    inputs = _scoring_inputs(prepared, scoring)
     with ThreadPoolExecutor(max_workers=1) as pool:
         # the intensity maps need no features: made while the encoder runs (scipy and torch both work outside
         # the GIL), the same arrays as after it
-        intensity = pool.submit(intensity_prepared, prepared, scoring)
+        intensity = pool.submit(intensity_change, *inputs, scoring)
         if "encoder" in scoring.maps:
             features_b, features_f, encoder_info = features or encode_prepared(prepared, encoder_settings)
         timings["encoding"] = round(time.perf_counter() - clock, 3)
         clock = time.perf_counter()
         intensity_maps = intensity.result()
     X, names, regions, labels, maps = region_features_prepared(prepared, scoring, features_b, features_f, trained,
-                                                               intensity_maps)
-    del features_b, features_f, intensity_maps  # the maps hold what is left to use (1 mm: the features are 210 MB)
+                                                               inputs, intensity_maps)
+    del features_b, features_f, inputs, intensity_maps  # the maps hold what is left (1 mm: features 210 MB)
     spacing_zyx = tuple(reversed(baseline.spacing))
     mask = maps.mask
     scores = score_regions(X, names, regions, mask, labels, spacing_zyx, scoring, detector, trained)
@@ -373,32 +376,28 @@ def _without_scores(prepared: Prepared, scoring: ScoringSettings) -> Comparison:
     )
 
 
-def _scoring_inputs(prepared: Prepared, scoring: ScoringSettings):
-    """(baseline grey, follow-up grey, scored mask, spacing zyx): what the change maps are computed from."""
+# (baseline grey, follow-up grey, scored mask, spacing zyx): what a pair's change maps are computed from
+ScoringInputs = tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, ...]]
+
+
+def _scoring_inputs(prepared: Prepared, scoring: ScoringSettings) -> ScoringInputs:
     b_arr = gray_array(prepared.baseline_harmonised.array.astype(np.float32))
     f_arr = gray_array(prepared.followup_harmonised.array.astype(np.float32))
     spacing_zyx = tuple(reversed(prepared.baseline.spacing))
     return b_arr, f_arr, scored_mask(prepared.mask, spacing_zyx, scoring.edge_margin_mm), spacing_zyx
 
 
-def intensity_prepared(prepared: Prepared, scoring: ScoringSettings) -> IntensityChange:
-    """The intensity change maps of a prepared pair (`scoring.intensity_change` on its scored mask)."""
-    from .scoring import intensity_change
-
-    b_arr, f_arr, mask, spacing_zyx = _scoring_inputs(prepared, scoring)
-    return intensity_change(b_arr, f_arr, mask, spacing_zyx, scoring)
-
-
 def region_features_prepared(prepared: Prepared, scoring: ScoringSettings, features_b: FeatureMap | None = None,
-                             features_f: FeatureMap | None = None, trained=None,
+                             features_f: FeatureMap | None = None, trained=None, inputs: ScoringInputs | None = None,
                              intensity: IntensityChange | None = None):
     """(X, feature names, regions, labels, change maps) of a prepared pair: the change maps pooled over its
     regions. Component regions are made here, from the change maps themselves. A Siamese model (`trained`) adds
-    its voxel map of change probability as the "siamese" map. `intensity`: `intensity_prepared` already run."""
+    its voxel map of change probability as the "siamese" map. `inputs` / `intensity`: the pair's scoring inputs
+    and `scoring.intensity_change` of them, when already computed."""
     from .regions import component_regions
     from .scoring import change_maps, combined_change, feature_names, region_features
 
-    b_arr, f_arr, mask, spacing_zyx = _scoring_inputs(prepared, scoring)
+    b_arr, f_arr, mask, spacing_zyx = inputs if inputs is not None else _scoring_inputs(prepared, scoring)
     extra = {}
     if scoring.detector == "siamese":
         from .learned import change_probability
