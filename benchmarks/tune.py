@@ -1,7 +1,7 @@
 """Tune the scoring and findings settings on a dev cohort, fast: every pair prepared once, re-scored per variant.
 
     python benchmarks/tune.py /work/cohorts/dev/visible /work/cohorts/dev/subtle --cache /work/tune-cache \\
-        [--jobs 2] [--variants base shape0.2 ...] [--json OUT.json]
+        [--jobs 2] [--pipeline NAME|FILE] [--variants base shape0.2 ...] [--json OUT.json]
 
 Step 1 (cached per pair, npz): `compare.prepare`, the encoder, the change maps and region features exactly as
 `compare` makes them, cropped to the compared region, with the truth on the baseline grid. Step 2: for every
@@ -39,9 +39,9 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def cache_pair(args: tuple[Path, str, str, str, Path]) -> str:
+def cache_pair(args: tuple[Path, str, str, str, Path, str | None]) -> str:
     """Prepare, encode and measure one pair; write its npz (skipped when present)."""
-    studies, patient_id, baseline_id, followup_id, path = args
+    studies, patient_id, baseline_id, followup_id, path, pipeline_name = args
     if path.is_file():
         return f"{path.name}: cached"
     import SimpleITK as sitk
@@ -49,14 +49,14 @@ def cache_pair(args: tuple[Path, str, str, str, Path]) -> str:
     from longitudinal.compare import encode_prepared, prepare, region_features_prepared
     from longitudinal.masks import gray_array
     from longitudinal.evaluation import load_truth
-    from longitudinal.pipeline import for_image
+    from longitudinal.pipeline import for_image, load
     from longitudinal.timeline import discover, pairs
 
     t0 = time.perf_counter()
     patient = next(p for p in discover(studies) if p.id == patient_id)
     pair = next(p for p in pairs(patient) if p.followup.id == followup_id)
     baseline, followup = pair.baseline.load(), pair.followup.load()
-    pipeline = for_image(baseline)
+    pipeline = load(pipeline_name) if pipeline_name else for_image(baseline)
     truth = load_truth(studies, patient_id, followup_id, followup.itk)
     prepared = prepare(baseline, followup, pipeline)
     from longitudinal.evaluation import brain_truth, dice
@@ -100,7 +100,7 @@ def cache_pair(args: tuple[Path, str, str, str, Path]) -> str:
     return f"{path.name}: {doc['seconds']} s"
 
 
-def score_cached(path: Path, overrides: dict, tags: dict) -> dict:
+def score_cached(path: Path, overrides: dict, tags: dict, pipeline_name: str = "brain-mri") -> dict:
     """One cached pair under one variant: what was found, against the truth on the baseline grid."""
     from longitudinal.compare import findings_of
     from longitudinal.pipeline import load
@@ -121,7 +121,7 @@ def score_cached(path: Path, overrides: dict, tags: dict) -> dict:
     if doc["reason"] is not None:
         out.update(found=0, false_findings=0, score=-math.inf, volumes=[])
         return out
-    pipeline = load("brain-mri")
+    pipeline = load(pipeline_name)
     scoring = dataclasses.replace(pipeline.scoring, **overrides)
     mask = arrays["mask"]
     regions = [Region(i + 1, "grid", (tuple(int(v) for v in a), tuple(int(v) for v in b)), None, (0.0,) * 3,
@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("sets", nargs="+", type=Path, help="dev cohort set folders")
     ap.add_argument("--cache", type=Path, required=True)
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--pipeline", help="pipeline name or TOML file to prepare and score with (default: the one "
+                    "each study's modality selects; scoring: brain-mri); use its own --cache folder")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"names of {', '.join(VARIANTS)}, "
                     "or JSON objects of ScoringSettings overrides")
     ap.add_argument("--json", type=Path, help="write every row and summary here")
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         for patient in discover(s):
             for pair in pairs(patient):
                 todo.append((s, patient.id, pair.baseline.id, pair.followup.id,
-                             args.cache / s.name / f"{patient.id}_{pair.followup.id}.npz"))
+                             args.cache / s.name / f"{patient.id}_{pair.followup.id}.npz", args.pipeline))
     t0 = time.perf_counter()
     if args.jobs > 1:
         ctx = multiprocessing.get_context("spawn")
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         by_set = {}
         for s in args.sets:
             tags = cohort_tags(s)
-            rows = [score_cached(t[4], overrides, tags) for t in todo if t[0] == s]
+            rows = [score_cached(t[4], overrides, tags, args.pipeline or "brain-mri") for t in todo if t[0] == s]
             by_set[s.name] = {"summary": summarise(rows), "rows": rows}
             m = by_set[s.name]["summary"]
             print(f"{name:28s} {s.name:8s} sens {m['sensitivity']:.3f} ({m['lesions']}) FP/pair {m['fp_per_pair']:.2f} "
