@@ -180,9 +180,11 @@ def _brain_centre_guesses(head: sitk.Image) -> list[np.ndarray]:
 def _template_run(template: sitk.Image, work: sitk.Image, region: sitk.Image, transform: sitk.Transform,
                   shrink: tuple[int, ...], sigmas: tuple[float, ...]) -> float:
     """Optimise `transform` (in place) to fit the template to the image inside `region`; the final MI."""
-    from .registration import set_metric_sampling
+    from .registration import registration_method, set_metric_sampling
 
-    reg = sitk.ImageRegistrationMethod()
+    # one ITK thread for the metric, as in `register`: with more, its sums change order from run to run, and a
+    # whole head's brain mask (and every figure after it) changed between two runs of the same compare
+    reg = registration_method(1)
     reg.SetMetricAsMattesMutualInformation(32)
     set_metric_sampling(reg, region, shrink, 0.05, 5000, seed=1)
     reg.SetMetricFixedMask(region)
@@ -201,7 +203,9 @@ def _template_run(template: sitk.Image, work: sitk.Image, region: sitk.Image, tr
 def _template_fit(template: sitk.Image, work: sitk.Image, region: sitk.Image, transform: sitk.Transform) -> float:
     """MI of the template and the image inside `region` at 4 mm, every voxel (no random sampling): comparable
     between transforms. nan where they do not overlap."""
-    reg = sitk.ImageRegistrationMethod()
+    from .registration import registration_method
+
+    reg = registration_method(1)
     reg.SetMetricAsMattesMutualInformation(32)
     reg.SetMetricSamplingStrategy(reg.NONE)
     reg.SetMetricFixedMask(sitk.Shrink(region, [2] * 3))

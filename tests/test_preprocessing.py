@@ -255,3 +255,23 @@ def test_local_correction_fitted_on_a_lattice_matches_the_full_fit(t1, monkeypat
     change = np.abs(np.log(np.maximum(lattice, 1e-3) / np.maximum(full, 1e-3)))[tissue]
     assert np.percentile(change, 99) < 0.005, np.percentile(change, 99)
     assert not np.array_equal(lattice, full)  # the lattice path did run
+
+
+def test_brain_mask_gives_the_same_bytes_whatever_the_process_thread_count(t1):
+    """The template's fit runs its metric on one ITK thread: with the process's two, its sums changed order and
+    a whole head's brain mask, and every figure after it, changed from one run of the same compare to the next."""
+    from longitudinal.masks import MaskSettings, brain_mask
+    from longitudinal.registration import itk_threads
+
+    centre = t1.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in t1.GetSize()])
+    moved = sitk.Resample(t1, t1, sitk.Euler3DTransform(centre, 0.08, -0.05, 0.1, (4.0, -3.0, 6.0)),
+                          sitk.sitkLinear, 0.0)
+    runs = []
+    for n in (1, 2, 2, 2):
+        with itk_threads(n):
+            runs.append(brain_mask(moved, MaskSettings(brain=True)))
+    first = sitk.GetArrayFromImage(runs[0].mask)
+    assert first.any()
+    for other in runs[1:]:
+        assert other.metric == runs[0].metric
+        assert np.array_equal(sitk.GetArrayFromImage(other.mask), first)
