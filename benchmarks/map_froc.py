@@ -1,0 +1,90 @@
+"""How far the change maps themselves separate lesions from unchanged tissue, before regions and findings.
+
+    python benchmarks/map_froc.py /work/tune-cache/subtle [--pipeline brain-mri] [--fp 0.2 0.5 1 2] [--peaks 2]
+
+Reads the per-pair cache `tune.py` writes (harmonised visits, compared region, truth on the baseline grid) and
+recomputes the pipeline's intensity maps with `scoring.intensity_change` inside the scored region (the compared
+region less `edge_margin_mm`), as `compare` does. For each map (the detector's |pooled
+change less its surround|, the pooled signed change, the fine change), every local maximum (5-voxel window)
+more than 3 voxels from any lesion is a null peak; each lesion's peak is its map maximum. Printed: the share of
+lesions above the level that lets through 0.2, 0.5, 1, 2 null peaks per pair, all pairs pooled. A null peak is
+not a false finding (findings merge neighbours and need a volume), so this is an upper bound on what any
+threshold on that map could reach. `--peaks N` lists the N strongest null peaks of each pair: value, distance
+to the compared region's outline, baseline intensity, and gradient against the region's median (edge or flat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+
+def peaks(values: np.ndarray, inside: np.ndarray, away: np.ndarray) -> np.ndarray:
+    """Indices of local maxima of `values` inside the region and away from every lesion."""
+    top = ndimage.maximum_filter(values, size=5)
+    return np.argwhere((values == top) & inside & away & (values > 0))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("cache", type=Path, help="a set's folder of tune.py's cache")
+    ap.add_argument("--pipeline", default="brain-mri", help="whose scoring settings make the maps")
+    ap.add_argument("--fp", type=float, nargs="+", default=[0.2, 0.5, 1.0, 2.0], help="null peaks per pair")
+    ap.add_argument("--peaks", type=int, default=0, help="list this many strongest null peaks per pair")
+    ap.add_argument("--override", default="{}", help="JSON of ScoringSettings overrides")
+    args = ap.parse_args(argv)
+
+    from longitudinal.compare import scored_mask
+    from longitudinal.pipeline import load
+    from longitudinal.scoring import intensity_change
+
+    scoring = dataclasses.replace(load(args.pipeline).scoring, **json.loads(args.override))
+    names = ("detector |band|", "pooled signed", "fine")
+    lesion_peaks: dict[str, list[float]] = {n: [] for n in names}
+    null_peaks: dict[str, list[float]] = {n: [] for n in names}
+    pairs = 0
+    for path in sorted(args.cache.glob("*[0-9].npz")):
+        with np.load(path, allow_pickle=False) as z:
+            doc = json.loads(str(z["meta"]))
+            if doc["reason"] is not None:
+                continue
+            b, f, mask, lesions = z["b"], z["f"], z["mask"].astype(bool), z["lesions"]
+        pairs += 1
+        spacing = tuple(doc["spacing_zyx"])
+        mask = scored_mask(mask, spacing, scoring.edge_margin_mm)  # as compare scores it: the outline left out
+        away = ~ndimage.binary_dilation(lesions > 0, iterations=3)
+        maps = [np.abs(m) for m in intensity_change(b, f, mask, spacing, scoring)]
+        for name, values in zip(names, maps):
+            where = peaks(values, mask, away)
+            null_peaks[name].extend(np.sort(values[tuple(where.T)])[-200:].tolist())
+            lesion_peaks[name].extend(float(values[lesions == k].max()) for k in np.unique(lesions) if k)
+        if args.peaks:
+            band = maps[0]
+            where = peaks(band, mask, away)
+            order = np.argsort(-band[tuple(where.T)])[:args.peaks]
+            depth = ndimage.distance_transform_edt(mask, sampling=spacing)
+            grad = ndimage.gaussian_gradient_magnitude(b.astype(np.float32), 1.0)
+            median_grad = float(np.median(grad[mask]))
+            for i in order:
+                at = tuple(where[i])
+                print(f"{path.stem}: null peak {band[at]:.1f} at {depth[at]:.0f} mm inside, baseline "
+                      f"{b[at]:.0f} (region median {np.median(b[mask]):.0f}), gradient x{grad[at] / median_grad:.2f}")
+    for name in names:
+        lesions_arr = np.array(lesion_peaks[name])
+        nulls = np.sort(np.array(null_peaks[name]))[::-1]
+        cells = []
+        for fp in args.fp:
+            k = int(fp * pairs)
+            level = nulls[k] if k < len(nulls) else 0.0
+            cells.append(f"{fp:g}: {(lesions_arr > level).mean():.2f}")
+        print(f"{name:16s} {pairs} pairs, {len(lesions_arr)} lesions; found at null peaks per pair "
+              + "  ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
