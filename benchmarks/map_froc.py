@@ -69,11 +69,11 @@ def main(argv: list[str] | None = None) -> None:
             order = np.argsort(-band[tuple(where.T)])[:args.peaks]
             depth = ndimage.distance_transform_edt(mask, sampling=spacing)
             grad = ndimage.gaussian_gradient_magnitude(b.astype(np.float32), 1.0)
-            median_grad = float(np.median(grad[mask]))
+            median_grad, median_b = float(np.median(grad[mask])), float(np.median(b[mask]))
             for i in order:
                 at = tuple(where[i])
                 print(f"{path.stem}: null peak {band[at]:.1f} at {depth[at]:.0f} mm inside, baseline "
-                      f"{b[at]:.0f} (region median {np.median(b[mask]):.0f}), gradient x{grad[at] / median_grad:.2f}")
+                      f"{b[at]:.0f} (region median {median_b:.0f}), gradient x{grad[at] / median_grad:.2f}")
     for name in names:
         lesions_arr = np.array(lesion_peaks[name])
         nulls = np.sort(np.array(null_peaks[name]))[::-1]

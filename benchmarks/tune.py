@@ -68,7 +68,8 @@ def cache_pair(args: tuple[Path, str, str, str, Path, str | None]) -> str:
            else dice(sitk.GetArrayFromImage(roi) > 0, sitk.GetArrayFromImage(brain) > 0),
            "qc": prepared.registration.qc.to_dict(),
            "sizes": {str(k): v for k, v in truth.sizes.items()}, "reason": prepared.reason,
-           "baseline": baseline_id, "signed_units": "noise", "spacing_zyx": list(reversed(baseline.spacing))}
+           "baseline": baseline_id, "signed_units": "noise", "spacing_zyx": list(reversed(baseline.spacing)),
+           "pipeline": pipeline_name or pipeline.name}  # re-scored with the pipeline it was prepared with
     arrays: dict[str, np.ndarray] = {}
     if prepared.reason is None:
         scoring = pipeline.scoring
@@ -100,7 +101,7 @@ def cache_pair(args: tuple[Path, str, str, str, Path, str | None]) -> str:
     return f"{path.name}: {doc['seconds']} s"
 
 
-def score_cached(path: Path, overrides: dict, tags: dict, pipeline_name: str = "brain-mri") -> dict:
+def score_cached(path: Path, overrides: dict, tags: dict) -> dict:
     """One cached pair under one variant: what was found, against the truth on the baseline grid."""
     from longitudinal.compare import findings_of
     from longitudinal.pipeline import load
@@ -121,7 +122,7 @@ def score_cached(path: Path, overrides: dict, tags: dict, pipeline_name: str = "
     if doc["reason"] is not None:
         out.update(found=0, false_findings=0, score=-math.inf, volumes=[])
         return out
-    pipeline = load(pipeline_name)
+    pipeline = load(doc.get("pipeline", "brain-mri"))  # caches made before it was recorded: brain sets only
     scoring = dataclasses.replace(pipeline.scoring, **overrides)
     mask = arrays["mask"]
     regions = [Region(i + 1, "grid", (tuple(int(v) for v in a), tuple(int(v) for v in b)), None, (0.0,) * 3,
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache", type=Path, required=True)
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--pipeline", help="pipeline name or TOML file to prepare and score with (default: the one "
-                    "each study's modality selects; scoring: brain-mri); use its own --cache folder")
+                    "each study's modality selects); use its own --cache folder")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"names of {', '.join(VARIANTS)}, "
                     "or JSON objects of ScoringSettings overrides")
     ap.add_argument("--json", type=Path, help="write every row and summary here")
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         by_set = {}
         for s in args.sets:
             tags = cohort_tags(s)
-            rows = [score_cached(t[4], overrides, tags, args.pipeline or "brain-mri") for t in todo if t[0] == s]
+            rows = [score_cached(t[4], overrides, tags) for t in todo if t[0] == s]
             by_set[s.name] = {"summary": summarise(rows), "rows": rows}
             m = by_set[s.name]["summary"]
             print(f"{name:28s} {s.name:8s} sens {m['sensitivity']:.3f} ({m['lesions']}) FP/pair {m['fp_per_pair']:.2f} "
