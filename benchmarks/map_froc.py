@@ -11,6 +11,15 @@ lesions above the level that lets through 0.2, 0.5, 1, 2 null peaks per pair, al
 not a false finding (findings merge neighbours and need a volume), so this is an upper bound on what any
 threshold on that map could reach. `--peaks N` lists the N strongest null peaks of each pair: value, distance
 to the compared region's outline, baseline intensity, and gradient against the region's median (edge or flat).
+
+`--oracle` adds an ideal observer no detector can be: the harmonised difference correlated with each lesion's
+own truth mask, signed by its known contrast (it knows the lesion's shape, size and sign). For each lesion it
+prints how many null peaks of that same filter in its own pair reach the lesion's response, and how many voxel
+positions do against what a Gaussian null of the same spread would give (far above it: nuisance, not noise, is
+the limit). The share of lesions with at most k such peaks is what knowing the lesion's shape could reach. The
+last line asks the same of a world without nuisance: the Gaussian positions turned into peaks at the filter's
+own measured positions per peak (k = 0: fewer than 0.5 expected); a lesion that fails there is lost in
+noise, which no registration or harmonisation can remove.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +40,37 @@ def peaks(values: np.ndarray, inside: np.ndarray, away: np.ndarray) -> np.ndarra
     return np.argwhere((values == top) & inside & away & (values > 0))
 
 
+def oracle(b: np.ndarray, f: np.ndarray, mask: np.ndarray, lesions: np.ndarray, away: np.ndarray
+           ) -> list[tuple[int, int, float, int, int, float]]:
+    """Per lesion: (label, voxels, z, null peaks at least as strong, voxel positions, Gaussian expectation).
+
+    The filter is the lesion's own mask, normalised, with the sign of the lesion's mean difference."""
+    from scipy.signal import fftconvolve
+
+    diff = np.where(mask, f.astype(np.float32) - b.astype(np.float32), 0.0).astype(np.float32)
+    rows = []
+    for k in (int(v) for v in np.unique(lesions) if v):
+        box = ndimage.find_objects((lesions == k).astype(np.int8))[0]
+        template = (lesions[box] == k).astype(np.float32)
+        template /= template.sum()
+        # correlation = convolution with the flipped template; "same" keeps the grid, centred like ndimage
+        response = fftconvolve(diff, np.flip(template), mode="same").astype(np.float32)
+        near = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+        sign = 1.0 if float(diff[lesions == k].mean()) >= 0 else -1.0
+        response *= sign
+        null = response[mask & away]
+        centre = float(np.median(null))
+        spread = 1.4826 * float(np.median(np.abs(null - centre)))
+        value = float(response[near].max())
+        z = (value - centre) / spread
+        at = peaks(response - centre, mask, away)
+        n_peaks = int((response[tuple(at.T)] >= value).sum())
+        n_pos = int((null >= value).sum())
+        gauss = float(null.size * 0.5 * math.erfc(z / math.sqrt(2)))
+        rows.append((k, int((lesions == k).sum()), z, n_peaks, n_pos, gauss))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("cache", type=Path, help="a set's folder of tune.py's cache")
@@ -37,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fp", type=float, nargs="+", default=[0.2, 0.5, 1.0, 2.0], help="null peaks per pair")
     ap.add_argument("--peaks", type=int, default=0, help="list this many strongest null peaks per pair")
     ap.add_argument("--override", default="{}", help="JSON of ScoringSettings overrides")
+    ap.add_argument("--oracle", action="store_true", help="add the matched filter that knows each lesion")
     args = ap.parse_args(argv)
 
     from longitudinal.compare import scored_mask
@@ -47,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     names = ("detector |band|", "pooled signed", "fine")
     lesion_peaks: dict[str, list[float]] = {n: [] for n in names}
     null_peaks: dict[str, list[float]] = {n: [] for n in names}
+    oracle_rows: list[tuple[str, int, float, int, int, float]] = []
     pairs = 0
     for path in sorted(args.cache.glob("*[0-9].npz")):
         with np.load(path, allow_pickle=False) as z:
@@ -63,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
             where = peaks(values, mask, away)
             null_peaks[name].extend(np.sort(values[tuple(where.T)])[-200:].tolist())
             lesion_peaks[name].extend(float(values[lesions == k].max()) for k in np.unique(lesions) if k)
+        if args.oracle:
+            oracle_rows.extend((path.stem, *row) for row in oracle(b, f, mask, lesions, away))
         if args.peaks:
             band = maps[0]
             where = peaks(band, mask, away)
@@ -84,6 +129,20 @@ def main(argv: list[str] | None = None) -> None:
             cells.append(f"{fp:g}: {(lesions_arr > level).mean():.2f}")
         print(f"{name:16s} {pairs} pairs, {len(lesions_arr)} lesions; found at null peaks per pair "
               + "  ".join(cells))
+    if oracle_rows:
+        print(f"{'pair':22s} {'lesion':>6s} {'voxels':>6s} {'z':>6s} {'null peaks >=':>13s} "
+              f"{'positions >=':>12s} {'Gaussian':>9s} {'Gaussian peaks':>14s}")
+        gauss_peaks = []
+        for stem, k, voxels, z, n_peaks, n_pos, gauss in oracle_rows:
+            gauss_peaks.append(gauss * n_peaks / n_pos if n_pos else gauss)
+            print(f"{stem:22s} {k:6d} {voxels:6d} {z:6.1f} {n_peaks:13d} {n_pos:12d} {gauss:9.1f} "
+                  f"{gauss_peaks[-1]:14.2f}")
+        counts, noise_only = np.array([r[4] for r in oracle_rows]), np.array(gauss_peaks)
+        budgets = (0, 1, 2, 5)
+        print(f"{'oracle':16s} {pairs} pairs, {len(counts)} lesions; found with at most k null peaks in its pair "
+              + "  ".join(f"{k}: {(counts <= k).mean():.2f}" for k in budgets))
+        print(f"{'oracle, no nuisance':16s} {pairs} pairs, {len(counts)} lesions; found with at most k Gaussian "
+              "peaks in its pair " + "  ".join(f"{k}: {(noise_only <= max(k, 0.5)).mean():.2f}" for k in budgets))
 
 
 if __name__ == "__main__":

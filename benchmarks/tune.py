@@ -10,7 +10,8 @@ every cached pair, and per set: lesion sensitivity, false findings per pair and 
 and how many found lesions of 5 mm and more have a reported volume within 30 % of the truth.
 
 Only for a dev split: paths with "validation" in them are refused, because a setting chosen there would make
-the validation figures meaningless.
+the validation figures meaningless. `--prepare-only` writes the cache and scores no variant; it may be run on
+a validation split, for measurements that choose nothing (`map_froc.py --oracle`: what the images hold).
 """
 
 from __future__ import annotations
@@ -214,9 +215,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"names of {', '.join(VARIANTS)}, "
                     "or JSON objects of ScoringSettings overrides")
     ap.add_argument("--json", type=Path, help="write every row and summary here")
+    ap.add_argument("--prepare-only", action="store_true", help="write the cache, score nothing (any split)")
     args = ap.parse_args(argv)
     for s in args.sets:
-        if "validation" in str(s.resolve()):
+        if "validation" in str(s.resolve()) and not args.prepare_only:
             sys.exit(f"{s}: refusing to tune on a validation split (tune on dev, report on validation)")
     from longitudinal.evaluation import cohort_tags
     from longitudinal.timeline import discover, pairs
@@ -237,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         for t in todo:
             print(cache_pair(t), flush=True)
     print(f"cache ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.prepare_only:
+        return
     report = {}
     for name in args.variants:
         overrides = VARIANTS[name] if name in VARIANTS else json.loads(name)
