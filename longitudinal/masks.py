@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .io import Image
+from .itkmethod import registration_method, set_metric_sampling
 from .settings import check, require
 
 log = logging.getLogger(__name__)
@@ -180,8 +181,6 @@ def _brain_centre_guesses(head: sitk.Image) -> list[np.ndarray]:
 def _template_run(template: sitk.Image, work: sitk.Image, region: sitk.Image, transform: sitk.Transform,
                   shrink: tuple[int, ...], sigmas: tuple[float, ...]) -> float:
     """Optimise `transform` (in place) to fit the template to the image inside `region`; the final MI."""
-    from .registration import registration_method, set_metric_sampling
-
     # one ITK thread for the metric, as in `register`: with more, its sums change order from run to run, and a
     # whole head's brain mask (and every figure after it) changed between two runs of the same compare
     reg = registration_method(1)
@@ -203,8 +202,6 @@ def _template_run(template: sitk.Image, work: sitk.Image, region: sitk.Image, tr
 def _template_fit(template: sitk.Image, work: sitk.Image, region: sitk.Image, transform: sitk.Transform) -> float:
     """MI of the template and the image inside `region` at 4 mm, every voxel (no random sampling): comparable
     between transforms. nan where they do not overlap."""
-    from .registration import registration_method
-
     reg = registration_method(1)
     reg.SetMetricAsMattesMutualInformation(32)
     reg.SetMetricSamplingStrategy(reg.NONE)

@@ -32,6 +32,7 @@ import SimpleITK as sitk
 from .errors import InputError
 from .io import Image, OutputError, atomic_write, atomic_write_text, save_image
 from .settings import check, choices, require
+from .itkmethod import registration_method, set_metric_sampling
 from .masks import MaskSettings, dilate, foreground_mask, luminance
 
 log = logging.getLogger(__name__)
@@ -325,27 +326,6 @@ def itk_threads(n: int) -> Iterator[None]:
         yield
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
-
-
-def registration_method(threads: int) -> sitk.ImageRegistrationMethod:
-    """An ImageRegistrationMethod whose metric and optimiser use `threads` ITK threads. Only they: the pyramid's
-    Gaussian smoothing, most of a level's time, is made by filters on the process's default count."""
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetNumberOfThreads(threads)
-    reg.SetNumberOfWorkUnits(threads)  # the metric's threader splits by work units: both, or it runs in parallel
-    return reg
-
-
-def set_metric_sampling(reg: sitk.ImageRegistrationMethod, fixed_mask: sitk.Image | None, shrink, fraction: float,
-                        min_samples: int, seed: int) -> None:
-    """Random sampling with about the same sample count at every level: coarse levels have fewer voxels, so they
-    sample a larger fraction. The count comes from the (full-resolution) mask or image."""
-    dim = fixed_mask.GetDimension() if fixed_mask is not None else 3
-    n_voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(fixed_mask))) if fixed_mask is not None else 1
-    samples = max(fraction * n_voxels, min_samples)
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentagePerLevel(
-        [float(min(1.0, samples / max(1.0, n_voxels / f**dim))) for f in shrink], seed)
 
 
 def _method(settings: RegistrationSettings, fixed_mask: sitk.Image | None, shrink, sigmas,
