@@ -79,6 +79,11 @@ class Comparison:
     analysis_mask: Image | None = None  # uint8, baseline grid: the voxels compared (both visits imaged them)
     finding_labels: Image | None = None  # uint16, follow-up grid: finding id per voxel, 0 elsewhere
     finding_labels_baseline: Image | None = None  # uint16, baseline grid
+    # The peak of the detector's intensity map (pooled change less its surround, in units of what noise and
+    # misalignment alone produce) inside the scored region: how strongly the pair changed anywhere. It ranks pairs
+    # (a worklist, a cohort); `progression_score` does not, because region scores are calibrated within each pair
+    # and a stable pair's best region scores as high as a changed pair's. None when not comparable.
+    strongest_change: float | None = None
 
     @property
     def findings(self) -> tuple[ScoredRegion, ...]:
@@ -254,6 +259,7 @@ def score_prepared(prepared: Prepared, detector: ChangeDetector | None = None,
         timings["encoding"] = round(time.perf_counter() - clock, 3)
         clock = time.perf_counter()
         intensity_maps = intensity.result()
+    strongest = float(intensity_maps[0][inputs[2]].max(initial=0.0))
     X, names, regions, labels, maps = region_features_prepared(prepared, scoring, features_b, features_f, trained,
                                                                inputs, intensity_maps)
     del features_b, features_f, inputs, intensity_maps  # the maps hold what is left (1 mm: features 210 MB)
@@ -291,6 +297,7 @@ def score_prepared(prepared: Prepared, detector: ChangeDetector | None = None,
         regions=scored,
         progression_score=float(pair_score),
         progression=progression,
+        strongest_change=strongest,
         threshold=scores.threshold,
         false_alarm_rate=scores.false_alarm_rate,
         false_findings_per_pair=scoring.false_findings_per_pair,
@@ -366,6 +373,7 @@ def _without_scores(prepared: Prepared, scoring: ScoringSettings) -> Comparison:
         change_map_baseline=zero_b, change_map=zero_f,
         flagged_mask=zero_f.with_itk(sitk.Cast(zero_f.itk, sitk.sitkUInt8)), regions=(),
         progression_score=None if prepared.reason else 0.0, progression=False, threshold=math.nan,
+        strongest_change=None if prepared.reason else 0.0,
         false_alarm_rate=math.nan, false_findings_per_pair=scoring.false_findings_per_pair,
         registration=prepared.registration, pipeline=prepared.pipeline,
         encoder={"name": "none"}, timings_s=dict(prepared.timings_s), regions_scored=0,

@@ -350,7 +350,8 @@ def evaluate_pair(job: PairJob) -> dict[str, Any]:
             op = lesion_metrics(truth.mask, (change > t) & foreground)
             m["operating_points"][f"{t:g}"] = {k: op[k] for k in ("found_lesions", "false_positive_findings",
                                                                    "flagged_findings", "true_findings")}
-        m.update(progression_score=comparison.progression_score, progression=bool(comparison.progression),
+        m.update(progression_score=comparison.progression_score, strongest_change=comparison.strongest_change,
+                 progression=bool(comparison.progression),
                  verdict=comparison.verdict, threshold=float(comparison.threshold),
                  false_alarm_rate=float(comparison.false_alarm_rate), seconds=round(seconds + t_prepare, 2),
                  timings_s=comparison.timings_s)
@@ -437,6 +438,8 @@ def summarise(rows: list[dict], methods: tuple[str, ...]) -> dict[str, dict]:
             "voxel_auroc_mean": float(np.mean(aurocs)) if aurocs else float("nan"),
             "voxel_ap_mean": float(np.mean(aps)) if aps else float("nan"),
             "pair_auroc": pair_auroc([m["progression_score"] for _, m in ms], [r["changed"] for r, _ in ms]),
+            "pair_auroc_strongest_change": pair_auroc([m.get("strongest_change") for _, m in ms],
+                                                      [r["changed"] for r, _ in ms]),
             "pairs_called_progression": int(called.sum()),
             "pair_accuracy": float((called == changed).mean()),
             "pair_recall": pair_recall,
@@ -505,16 +508,16 @@ def _fmt(v) -> str:
 def _summary_table(title: str, s: dict[str, dict]) -> list[str]:
     lines = [f"### {title}", "",
              "| method | pairs (stable) | lesions found | sensitivity | precision | FP / pair | FP / stable pair | "
-             "lesion F1 | pair accuracy / recall / precision / F1 | pair AUROC | volume within 30 % | outside brain | "
-             "not comparable | voxel AUROC | s / pair |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "lesion F1 | pair accuracy / recall / precision / F1 | pair AUROC | pair AUROC, strongest change | "
+             "volume within 30 % | outside brain | not comparable | voxel AUROC | s / pair |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, m in s.items():
         lines.append(
             f"| {method} | {m['pairs']} ({m['stable_pairs']}) | {m['found_lesions']}/{m['truth_lesions']} | "
             f"{_fmt(m['lesion_sensitivity'])} | {_fmt(m['lesion_precision'])} | {_fmt(m['false_positives_per_pair'])} | "
             f"{_fmt(m['false_positives_per_stable_pair'])} | {_fmt(m['lesion_f1'])} | "
             f"{' / '.join(_fmt(m[k]) for k in ('pair_accuracy', 'pair_recall', 'pair_precision', 'pair_f1'))} | "
-            f"{_fmt(m['pair_auroc'])} | "
+            f"{_fmt(m['pair_auroc'])} | {_fmt(m.get('pair_auroc_strongest_change', math.nan))} | "
             f"{_fmt(m['volume_within_tolerance'])} (n={m['volume_checked']}) | {_fmt(m['findings_outside_brain'])} | "
             f"{m['pairs_not_comparable']} | {_fmt(m['voxel_auroc_mean'])} | {_fmt(m['seconds_per_pair_mean'])} |")
     return lines + [""]

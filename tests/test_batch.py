@@ -74,8 +74,9 @@ def test_batch_reports_every_pair_lists_the_failure_and_keeps_going(studies, tmp
     assert len(rows) == 4
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "failed"]  # failures listed last
     assert all(r["verdict"] in ("progression", "no progression") for r in rows[:3]) and rows[3]["verdict"] == ""
-    scores = [float(r["progression_score"]) for r in rows[:3] if r["verdict"] == rows[0]["verdict"]]
-    assert scores == sorted(scores, reverse=True)  # worst first
+    # worst first: within a verdict, the strongest change (comparable between pairs) first
+    strongest = [float(r["strongest_change"]) for r in rows[:3] if r["verdict"] == rows[0]["verdict"]]
+    assert len(strongest) >= 2 and strongest == sorted(strongest, reverse=True)
     failed = rows[-1]
     assert failed["patient"] == IDS[2] and "2019-09-01.nii.gz" in failed["error"] and failed["report"] == ""
     for r in rows[:3]:
@@ -83,6 +84,7 @@ def test_batch_reports_every_pair_lists_the_failure_and_keeps_going(studies, tmp
         assert (out / r["report"]).is_file() and report.is_complete(folder)
         doc = json.loads((folder / "result.json").read_text())
         assert doc["progression_score"] == pytest.approx(float(r["progression_score"]), rel=1e-5)
+        assert doc["strongest_change"] == pytest.approx(float(r["strongest_change"]), rel=1e-5)
         assert r["computed_at"] == doc["created"] and r["verdict"] == doc["verdict"]
         assert 'href="../../summary.html"' in (out / r["report"]).read_text()  # the way back to the summary
     lesion = {r["followup_visit"]: float(r["progression_score"]) for r in rows if r["patient"] == IDS[0]}

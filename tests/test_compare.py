@@ -54,12 +54,16 @@ def test_what_is_flagged_is_where_the_truth_changed(progressing):
     assert np.median(change[truth > 0]) > np.percentile(change[~(truth > 0)], 99)
 
 
-def test_a_stable_patient_reads_as_no_progression(tmp_path):
+def test_a_stable_patient_reads_as_no_progression_and_ranks_below_a_changed_one(tmp_path, progressing):
     base = SAMPLES / "easy/sub-03/ses-01/anat/sub-03_ses-01_T1w.nii.gz"
     follow = SAMPLES / "easy/sub-03/ses-02/anat/sub-03_ses-02_T1w.nii.gz"
     assert cli.main(["compare", str(base), str(follow), "-o", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["progression"] is False and not any(r["flagged"] for r in result["regions"])
+    # the strongest change is comparable between pairs: the stable pair's is well below the changed pair's
+    changed = json.loads((progressing[0] / "result.json").read_text())
+    assert 0 < 2 * result["strongest_change"] < changed["strongest_change"]
+    assert "strongest change" in (tmp_path / "report.html").read_text()
 
 
 def test_2d_photographs_compare_on_single_slice_grids(tmp_path):

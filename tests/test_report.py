@@ -162,6 +162,7 @@ def make_comparison(baseline: Image, followup: Image, pipeline=TEST_PIPELINE) ->
         followup_harmonised=f_h, change_map_baseline=Image(z_img), change_map=Image(reg.to_moving(z_img, luminance(followup.itk))),
         flagged_mask=labels_f.with_itk(sitk.Cast(labels_f.itk > 0, sitk.sitkUInt8)), regions=tuple(regions_out),
         progression_score=best, progression=progression, threshold=THRESHOLD, false_alarm_rate=float(norm.sf(THRESHOLD)),
+        strongest_change=float(z[inside].max(initial=0.0)),
         registration=reg, pipeline=pipeline, encoder={"name": "absdiff (test)", "weights": "", "sha256": "0" * 64},
         timings_s={"registration": t1 - t0, "preprocessing": t2 - t1, "scoring": time.perf_counter() - t2},
         regions_scored=len(scored), verdict="progression" if progression else "no progression",

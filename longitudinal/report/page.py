@@ -150,6 +150,8 @@ def _verdict(doc: Mapping) -> tuple[str, str, tuple[str, ...]]:
         return ("NO PROGRESSION", f"score {w.number(doc['progression_score'], '.2f')}",
                 ("Nothing changed: the inputs are identical.",))
     score_line = f"highest score {w.number(doc['progression_score'], '.2f')} · threshold {w.number(threshold, '.2f')}"
+    if w.finite(doc.get("strongest_change")) is not None:
+        score_line += f" · strongest change {w.number(doc['strongest_change'], '.1f')} × noise"
     if verdict == "progression":
         n = len(findings)
         return ("PROGRESSION", score_line,
@@ -178,6 +180,9 @@ def _how_to_read(doc: Mapping) -> tuple[tuple[str, str], ...]:
         ("The score", "How unusual a region's change is compared with the rest of this pair: minus log10 of the "
                       "chance that an unchanged region scores that high. 5 means 1 in 100,000; each unit more is "
                       "ten times less likely by chance. \"just above\" means within half a unit of the threshold."),
+        ("Strongest change", "The largest local change anywhere in the compared area, in multiples of what noise and "
+                             "slight misalignment alone produce. Unlike the score, which is judged against the rest "
+                             "of this pair, it can be compared between pairs: sort a worklist or a cohort by it."),
         ("The false-alarm setting", w.threshold_sentence(doc)),
         ("Sizes", "Size, extent and mean change are measured on the changed tissue itself (the yellow outline), "
                   f"in {unit}; mean change is in % of the baseline intensity, darker or brighter at follow-up."),

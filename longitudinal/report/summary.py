@@ -40,6 +40,7 @@ class PairResult:
     status: Status  # failed: no verdict (unreadable input, a crash, outputs that could not be written)
     verdict: str | None = None  # "progression" | "no progression" | "not comparable"
     progression_score: float | None = None
+    strongest_change: float | None = None  # ranks pairs within a verdict (result.json's; None in older results)
     threshold: float | None = None
     n_findings: int | None = None
     registration_suspect: bool | None = None
@@ -56,9 +57,10 @@ class PairResult:
     @classmethod
     def from_result(cls, identity: Mapping, doc: Mapping, reused: bool = False) -> PairResult:
         """The row of a pair whose outputs were written: everything from its result.json document."""
-        score = doc.get("progression_score")
+        score, strongest = doc.get("progression_score"), doc.get("strongest_change")
         return cls(**identity, status="ok", verdict=doc.get("verdict"),
                    progression_score=None if score is None else float(score),
+                   strongest_change=None if strongest is None else float(strongest),
                    threshold=None if doc.get("threshold") is None else float(doc["threshold"]),
                    n_findings=None if doc.get("verdict") == "not comparable" else int(doc.get("n_flagged") or 0),
                    registration_suspect=bool((doc.get("registration") or {}).get("suspect")),
@@ -75,17 +77,19 @@ VERDICT_CSS = {"progression": "pos", "no progression": "neg", "not comparable": 
 
 
 def worst_first(results: Sequence[PairResult]) -> list[PairResult]:
-    """Progression (highest score first), then no progression (highest first), not comparable, failed."""
+    """Progression, then no progression, not comparable, failed; within each, the strongest change first (the
+    number comparable between pairs; results without it after, by highest score)."""
     def key(r: PairResult):
-        score = w.finite(r.progression_score)
+        strongest, score = w.finite(r.strongest_change), w.finite(r.progression_score)
         order = 3 if r.status == "failed" else _VERDICT_ORDER.get(r.verdict or "", 3)
-        return (order, -score if score is not None else math.inf, r.index)
+        return (order, -strongest if strongest is not None else math.inf,
+                -score if score is not None else math.inf, r.index)
 
     return sorted(results, key=key)
 
 
 CSV_FIELDS = ("rank", "patient", "baseline_visit", "followup_visit", "baseline_date", "followup_date",
-              "interval_days", "status", "verdict", "progression_score", "threshold", "n_findings",
+              "interval_days", "status", "verdict", "progression_score", "strongest_change", "threshold", "n_findings",
               "registration_suspect", "identical_inputs", "reason", "report", "error", "computed_at")
 
 
@@ -102,7 +106,7 @@ def summary_csv(results: Sequence[PairResult]) -> str:
             "rank": rank, "patient": r.patient, "baseline_visit": r.baseline, "followup_visit": r.followup,
             "baseline_date": r.baseline_date, "followup_date": r.followup_date, "interval_days": r.interval_days,
             "status": r.status, "verdict": r.verdict, "progression_score": r.progression_score,
-            "threshold": r.threshold, "n_findings": r.n_findings, "registration_suspect": r.registration_suspect,
+            "strongest_change": r.strongest_change, "threshold": r.threshold, "n_findings": r.n_findings, "registration_suspect": r.registration_suspect,
             "identical_inputs": r.identical_inputs, "reason": r.reason,
             "report": f"{r.folder}/{FILES['report']}" if r.status == "ok" else None, "error": r.error,
             "computed_at": r.computed_at}.items()})
@@ -150,6 +154,7 @@ class Row:
     verdict: str
     verdict_css: str
     score: str
+    strongest: str
     findings: str
     alignment: str
     report: str | None
@@ -169,6 +174,7 @@ def _row(rank: int, r: PairResult) -> Row:
                followup=r.followup, followup_date="" if r.followup_date in (None, r.followup) else r.followup_date,
                interval="" if r.interval_days is None else w.interval_text(r.interval_days),
                verdict=verdict, verdict_css=css, score=w.number(r.progression_score, ".2f"),
+               strongest=w.number(r.strongest_change, ".1f"),
                findings="" if r.n_findings is None else str(r.n_findings), alignment=alignment,
                report=f"{r.folder}/{FILES['report']}" if r.status == "ok" else None, problem=problem,
                computed_at=_when(r.computed_at))
@@ -213,4 +219,4 @@ def summary_html(results: Sequence[PairResult], first_dates: Mapping[str, str | 
                   against="baseline" if against == "baseline" else "previous visit", version=__version__,
                   columns=[(w.column_label(c), c) for c in (
                       "rank", "patient", "baseline_visit", "followup_visit", "interval_days", "verdict",
-                      "progression_score", "n_findings", "registration_suspect", "report", "error", "computed_at")])
+                      "progression_score", "strongest_change", "n_findings", "registration_suspect", "report", "error", "computed_at")])

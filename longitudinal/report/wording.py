@@ -174,6 +174,7 @@ COLUMNS = {  # raw name -> plain label; the raw name is the tooltip
     "interval_days": "interval",
     "verdict": "verdict",
     "progression_score": "highest score",
+    "strongest_change": "strongest change (× noise)",
     "n_findings": "findings",
     "registration_suspect": "alignment check",
     "report": "report",
