@@ -18,6 +18,8 @@ from longitudinal.errors import InputError
 from dicom_writer import write_dicom_series
 from longitudinal.io import Image, describe, load_image, save_image, scan_dicom
 
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_studies"
+
 OBLIQUE_IOP = (0.9659258, 0.2588190, 0.0, -0.2588190, 0.9659258, 0.0)  # 15 degrees about z
 
 
@@ -274,8 +276,23 @@ def test_non_dicom_missing_empty_and_unsupported_files(tmp_path):
         load_image(tmp_path / "table.csv")
     (tmp_path / "only_notes").mkdir()
     (tmp_path / "only_notes" / "readme.txt").write_text("x")
-    with pytest.raises(InputError, match="no DICOM image found among 1 file"):
+    with pytest.raises(InputError, match=r"only_notes: no image found among 1 file\(s\) \(not DICOM\): expected a DICOM"):
         load_image(tmp_path / "only_notes")
+
+
+def test_a_visit_folder_holding_one_image_file_is_that_image(tmp_path):
+    """`compare F001/2020-01-10 F001/2020-08-05`: a plain-layout visit folder reads as the one image in it."""
+    picture = SAMPLES / "fundus/F001/2020-01-10/fundus.png"
+    folder = tmp_path / "2020-01-10"
+    folder.mkdir()
+    (folder / "fundus.png").write_bytes(picture.read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    direct, via_folder = load_image(picture), load_image(folder)
+    assert via_folder.size == direct.size and np.array_equal(via_folder.array, direct.array)
+    assert describe(folder).size == describe(picture).size
+    (folder / "other.nii.gz").write_bytes(b"x")
+    with pytest.raises(InputError, match="2 images in this folder, give one file: fundus.png, other.nii.gz"):
+        load_image(folder)
 
 
 def test_constant_and_nan_volumes_are_refused(tmp_path, series_writer):

@@ -189,6 +189,24 @@ def _with_context(image: Image, path: Path) -> Image:
     return dataclasses.replace(image, meta=dataclasses.replace(meta, **changes)) if changes else image
 
 
+def _folder_image(folder: Path, series_uid: str | None) -> SeriesInfo | Path:
+    """What a folder holds: its DICOM series (one, or the one `series_uid` names) or, in a folder with no DICOM,
+    its only NIfTI/picture/NRRD/MHA file (a visit folder such as `F001/2020-01-10/fundus.png`)."""
+    found = scan(folder)
+    if not found.series and not found.orphans() and series_uid is None:
+        images = sorted(f for f, _ in found.skipped if _ext(f) in NIFTI_EXTS + PICTURE_EXTS + ITK_EXTS)
+        if len(images) == 1:
+            return images[0]
+        if images:
+            raise InputError(folder, f"{len(images)} images in this folder, give one file: "
+                                     + ", ".join(f.name for f in images[:5]) + (" ..." if len(images) > 5 else ""))
+        if found.skipped:
+            kinds = "; ".join(sorted({why for _, why in found.skipped}))
+            raise InputError(folder, f"no image found among {len(found.skipped)} file(s) ({kinds}): expected a DICOM "
+                                     "series or one NIfTI, PNG/JPEG/TIFF/BMP, NRRD or MHA file")
+    return pick_series(folder, found, series_uid)
+
+
 def load_image(path: str | os.PathLike, series_uid: str | None = None, *, allow_mixed_patients: bool = False,
                settings: InputSettings | None = None) -> Image:
     """Read one image: a DICOM series folder or file, NIfTI, or a 2D picture.
@@ -199,11 +217,12 @@ def load_image(path: str | os.PathLike, series_uid: str | None = None, *, allow_
     """
     path = existing(path)
     settings = settings or InputSettings()
-    if path.is_dir():
-        info = pick_series(path, scan(path), series_uid)
-        image = _dicom_image(info, info.folder, allow_mixed_patients, settings)
-        where = info.folder
+    source = _folder_image(path, series_uid) if path.is_dir() else path
+    if isinstance(source, SeriesInfo):
+        image = _dicom_image(source, source.folder, allow_mixed_patients, settings)
+        where = source.folder
     else:
+        path = source
         kind = _file(path)
         if kind == "dicom":
             info = file_series(path)
@@ -223,12 +242,14 @@ def describe(path: str | os.PathLike, series_uid: str | None = None, *, allow_mi
     """Header-only facts about an image (no voxels read), with the same refusals as load_image
     for anything the header alone can reveal (geometry, 4D, non-image DICOM, mixed patients)."""
     path = existing(path)
-    if path.is_dir():
-        info = pick_series(path, scan(path), series_uid)
+    source = _folder_image(path, series_uid) if path.is_dir() else path
+    if isinstance(source, SeriesInfo):
+        info = source
         if info.problem:
             raise InputError(info.problem_path or path, info.problem)
         check_one_patient(info, allow_mixed_patients)
         return _info_with_context(_info_from_series(path, info), path)
+    path = source
     kind = _file(path)
     if kind == "dicom":
         info = file_series(path)
