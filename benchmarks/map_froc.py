@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from scipy.stats import median_abs_deviation
 
 
 def peaks(values: np.ndarray, inside: np.ndarray, away: np.ndarray) -> np.ndarray:
@@ -48,26 +49,28 @@ def oracle(b: np.ndarray, f: np.ndarray, mask: np.ndarray, lesions: np.ndarray, 
     from scipy.signal import fftconvolve
 
     diff = np.where(mask, f.astype(np.float32) - b.astype(np.float32), 0.0).astype(np.float32)
+    null_region = mask & away
     rows = []
-    for k in (int(v) for v in np.unique(lesions) if v):
-        box = ndimage.find_objects((lesions == k).astype(np.int8))[0]
+    for k, box in enumerate(ndimage.find_objects(lesions), start=1):
+        if box is None:
+            continue
+        member = lesions == k
         template = (lesions[box] == k).astype(np.float32)
         template /= template.sum()
         # correlation = convolution with the flipped template; "same" keeps the grid, centred like ndimage
         response = fftconvolve(diff, np.flip(template), mode="same").astype(np.float32)
         near = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
-        sign = 1.0 if float(diff[lesions == k].mean()) >= 0 else -1.0
-        response *= sign
-        null = response[mask & away]
+        response *= 1.0 if float(diff[member].mean()) >= 0 else -1.0
+        null = response[null_region]
         centre = float(np.median(null))
-        spread = 1.4826 * float(np.median(np.abs(null - centre)))
+        spread = float(median_abs_deviation(null, scale="normal"))
         value = float(response[near].max())
         z = (value - centre) / spread
         at = peaks(response - centre, mask, away)
         n_peaks = int((response[tuple(at.T)] >= value).sum())
         n_pos = int((null >= value).sum())
         gauss = float(null.size * 0.5 * math.erfc(z / math.sqrt(2)))
-        rows.append((k, int((lesions == k).sum()), z, n_peaks, n_pos, gauss))
+        rows.append((k, int(member.sum()), z, n_peaks, n_pos, gauss))
     return rows
 
 

@@ -120,7 +120,8 @@ def _pipeline(name: str | None):
 
 
 def _register_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("fixed", metavar="FIXED", type=Path, help="baseline image: DICOM folder/file, NIfTI or 2D picture, or a visit folder holding one image file")
+    p.add_argument("fixed", metavar="FIXED", type=Path,
+                   help="baseline image: DICOM folder/file, NIfTI or 2D picture, or a folder holding one image file")
     p.add_argument("moving", metavar="MOVING", type=Path, help="follow-up image, resampled onto FIXED's grid")
     p.add_argument("-o", "--out", metavar="OUT", type=Path, required=True,
                    help="folder for registered.nii.gz, transform.tfm and qc.json")

@@ -259,6 +259,7 @@ def score_prepared(prepared: Prepared, detector: ChangeDetector | None = None,
         timings["encoding"] = round(time.perf_counter() - clock, 3)
         clock = time.perf_counter()
         intensity_maps = intensity.result()
+    # intensity_change's first map (the detector's) inside the scoring inputs' mask (the scored region)
     strongest = float(intensity_maps[0][inputs[2]].max(initial=0.0))
     X, names, regions, labels, maps = region_features_prepared(prepared, scoring, features_b, features_f, trained,
                                                                inputs, intensity_maps)

@@ -35,7 +35,8 @@ UNITS = {
     "size": "voxels along (x, y[, z])",
     "score": "calibrated change score: -log10 of the chance that an unchanged region scores this high; flagged above threshold",
     "progression_score": "calibrated change score (dimensionless); progression when above threshold; null when not comparable",
-    "strongest_change": "peak of the pooled intensity change less its surround, in units of what noise and misalignment alone produce; ranks pairs (progression_score does not); null when not comparable",
+    "strongest_change": "peak of the pooled intensity change less its surround, in units of what noise and "
+                        "misalignment alone produce; ranks pairs (progression_score does not); null when not comparable",
     "threshold": "same scale as score",
     "false_alarm_rate": "fraction of unchanged regions expected above the threshold (0..1)",
     "false_findings_per_pair": "expected false findings in a pair without real change",
@@ -206,7 +207,8 @@ def result_document(comparison: Comparison, context: OutputContext) -> dict:
         "verdict": comparison.verdict,
         "progression": bool(comparison.progression),
         "progression_score": None if comparison.progression_score is None else float(comparison.progression_score),
-        "strongest_change": None if comparison.strongest_change is None else round(float(comparison.strongest_change), 3),
+        "strongest_change": (None if comparison.strongest_change is None
+                             else round(float(comparison.strongest_change), 3)),
         "reason": reason,
         "warnings": warnings,
         "identical_inputs": bool(comparison.identical),

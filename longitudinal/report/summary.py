@@ -89,8 +89,8 @@ def worst_first(results: Sequence[PairResult]) -> list[PairResult]:
 
 
 CSV_FIELDS = ("rank", "patient", "baseline_visit", "followup_visit", "baseline_date", "followup_date",
-              "interval_days", "status", "verdict", "progression_score", "strongest_change", "threshold", "n_findings",
-              "registration_suspect", "identical_inputs", "reason", "report", "error", "computed_at")
+              "interval_days", "status", "verdict", "progression_score", "strongest_change", "threshold",
+              "n_findings", "registration_suspect", "identical_inputs", "reason", "report", "error", "computed_at")
 
 
 def summary_csv(results: Sequence[PairResult]) -> str:
@@ -106,7 +106,8 @@ def summary_csv(results: Sequence[PairResult]) -> str:
             "rank": rank, "patient": r.patient, "baseline_visit": r.baseline, "followup_visit": r.followup,
             "baseline_date": r.baseline_date, "followup_date": r.followup_date, "interval_days": r.interval_days,
             "status": r.status, "verdict": r.verdict, "progression_score": r.progression_score,
-            "strongest_change": r.strongest_change, "threshold": r.threshold, "n_findings": r.n_findings, "registration_suspect": r.registration_suspect,
+            "strongest_change": r.strongest_change, "threshold": r.threshold, "n_findings": r.n_findings,
+            "registration_suspect": r.registration_suspect,
             "identical_inputs": r.identical_inputs, "reason": r.reason,
             "report": f"{r.folder}/{FILES['report']}" if r.status == "ok" else None, "error": r.error,
             "computed_at": r.computed_at}.items()})
@@ -219,4 +220,5 @@ def summary_html(results: Sequence[PairResult], first_dates: Mapping[str, str | 
                   against="baseline" if against == "baseline" else "previous visit", version=__version__,
                   columns=[(w.column_label(c), c) for c in (
                       "rank", "patient", "baseline_visit", "followup_visit", "interval_days", "verdict",
-                      "progression_score", "strongest_change", "n_findings", "registration_suspect", "report", "error", "computed_at")])
+                      "progression_score", "strongest_change", "n_findings", "registration_suspect", "report", "error",
+                      "computed_at")])
