@@ -52,6 +52,9 @@ class Backbone(nn.Module):
         self.stage_channels = tuple(stage_channels)
         self.stage_strides = tuple(stage_strides)  # in-plane stride of each stage's map
         self.pad_multiple = pad_multiple
+        # input pixels (each way) beyond which no pixel of the deepest map looks; None: not known, so an encoder
+        # never crops the image for this backbone
+        self.reach: int | None = None
         self.weights_path: Path | None = None
         self.weights_sha256: str | None = None
 
@@ -83,6 +86,18 @@ class Backbone(nn.Module):
         return state
 
     network: nn.Module  # the whole pretrained network (heads included, never run by forward)
+
+
+def conv_reach(modules: list[nn.Module]) -> int:
+    """How far (input pixels, each way) the convolutions of `modules`, run in order, look: the whole kernel
+    width per layer rather than half, since TF-SAME pads strided layers unevenly."""
+    reach, jump = 0, 1
+    for module in modules:
+        for conv in module.modules():
+            if isinstance(conv, nn.Conv2d):
+                reach += (conv.kernel_size[0] - 1) * conv.dilation[0] * jump
+                jump *= conv.stride[0]
+    return reach
 
 
 # ----------------------------------------------------------------------------------------- EfficientNet-Lite
@@ -170,6 +185,7 @@ class EfficientNetLite(Backbone):
         super().__init__(name, stages, tuple(args[s].output_filters for s in stages), stage_strides,
                          pad_multiple=stage_strides[-1])
         self.network = net.to(memory_format=torch.channels_last)  # depthwise convs ~2x faster on CPU in NHWC
+        self.reach = conv_reach([net._conv_stem, *net._blocks[: stages[-1] + 1]])
 
     @staticmethod
     def normalise(x: torch.Tensor) -> torch.Tensor:

@@ -23,23 +23,31 @@ import contextlib
 import math
 from dataclasses import dataclass, field
 from os import PathLike
-from typing import Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Iterator, Literal, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from monai.transforms import ScaleIntensityRange
-from monai.utils import convert_to_numpy
-from torch import nn
 
-from .backbones import BACKBONE_NAMES, Backbone, family_of, make_backbone, packaged_weights, weights_checksum
 from .errors import InputError
 from .settings import check, require
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .backbones import Backbone
 
 __all__ = ["ENCODER_NAMES", "Encoder", "EncoderSettings", "FeatureMap", "intensity_window", "packaged_weights",
            "scale_to_unit", "weights_checksum"]
 
-ENCODER_NAMES = BACKBONE_NAMES
+# torch and MONAI take seconds to import, so this module imports them only where a network runs: reading a
+# pipeline's settings (`longitudinal pipelines`, `studies`, any command's checks of its settings) stays light.
+# The encoder names and the dimensions their networks work in; each is a family's in backbones.py
+# (tests/test_encoding.py checks that the two agree).
+ENCODER_DIMS: dict[str, int] = {
+    **dict.fromkeys(("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "random"), 2),
+    **dict.fromkeys(("merlin-resnet152", *(f"medicalnet-resnet{d}" for d in (10, 18, 34, 50, 101, 152, 200))), 3),
+}
+ENCODER_NAMES = tuple(ENCODER_DIMS)
 _WINDOW_MULTIPLE = 32  # 3D windows: multiple of the deepest ResNet stride
 
 
@@ -70,7 +78,7 @@ class EncoderSettings:
             object.__setattr__(self, "weights", str(self.weights))
         check(self)
         require(self.name in ENCODER_NAMES, "name", f"must be one of {', '.join(ENCODER_NAMES)}, got {self.name!r}")
-        is_3d_net = family_of(self.name).spatial_dims == 3
+        is_3d_net = ENCODER_DIMS[self.name] == 3
         require(is_3d_net == (self.mode == "3d"), "mode",
                 f"{self.name} runs in mode {'3d' if is_3d_net else '2d or 2.5d'}, not {self.mode!r}")
         require(self.grid_stride >= 1 and not self.grid_stride & (self.grid_stride - 1), "grid_stride",
@@ -119,6 +127,9 @@ class FeatureMap:
     def upsampled(self) -> np.ndarray:
         """(C, *input_shape) by (bi/tri)linear interpolation: C * N * 4 bytes, so for small images only."""
         size = tuple(g * s for g, s in zip(self.grid_shape, self.stride))
+        import torch
+        import torch.nn.functional as F
+
         t = torch.from_numpy(self.data)[None]
         mode = "bilinear" if t.ndim == 4 else "trilinear"
         up = F.interpolate(t, size=size, mode=mode, align_corners=False)[0]
@@ -143,6 +154,9 @@ def intensity_window(
 
 def scale_to_unit(volume: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     """Map the window linearly to [0, 1] and clip (MONAI ScaleIntensityRange); float32 copy."""
+    from monai.transforms import ScaleIntensityRange
+    from monai.utils import convert_to_numpy
+
     lo, hi = window
     scaled = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(
         np.asarray(volume, dtype=np.float32)
@@ -150,8 +164,19 @@ def scale_to_unit(volume: np.ndarray, window: tuple[float, float]) -> np.ndarray
     return convert_to_numpy(scaled, dtype=np.float32)
 
 
+def __getattr__(name: str):
+    """backbones' weight helpers, re-exported here without importing torch with this module."""
+    if name in ("packaged_weights", "weights_checksum"):
+        from . import backbones
+
+        return getattr(backbones, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @contextlib.contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -162,6 +187,8 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 def _to_grid(t: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """Resample (B, C, *spatial) to `size`: average-pool axes that shrink, then linear-upsample the rest."""
+    import torch.nn.functional as F
+
     if tuple(t.shape[2:]) == size:
         return t
     smaller = tuple(min(a, b) for a, b in zip(t.shape[2:], size))
@@ -181,6 +208,8 @@ class Encoder:
     def __init__(self, settings: EncoderSettings = EncoderSettings()):
         self.settings = settings
         self.is_3d = settings.mode == "3d"
+        from .backbones import make_backbone
+
         self.backbone: Backbone = make_backbone(settings.name, settings.stages, settings.weights, settings.seed)
         self.stages = self.backbone.stages
         self.stage_channels = self.backbone.stage_channels
@@ -251,7 +280,46 @@ class Encoder:
         if np.shape(baseline) != np.shape(followup):
             raise InputError(None, f"visits differ in shape {np.shape(baseline)} vs {np.shape(followup)}: register first")
         window = intensity_window(baseline, mask, percentiles)
-        return self.encode(baseline, window, rgb=rgb), self.encode(followup, window, rgb=rgb), window
+        box = self.box(np.shape(baseline)[:2] if rgb else np.shape(baseline), mask)
+        if box is None:
+            return self.encode(baseline, window, rgb=rgb), self.encode(followup, window, rgb=rgb), window
+        return self._in_box(baseline, window, rgb, box), self._in_box(followup, window, rgb, box), window
+
+    def box(self, shape: tuple[int, ...], mask: np.ndarray | None) -> tuple[slice, ...] | None:
+        """The part of an image that its features inside `mask` depend on (None: the whole image).
+
+        The mask's bounding box, widened by the backbone's reach plus two cells (the cells' averaging and the
+        linear interpolation of features to voxels read one cell beyond), with its start on the network's
+        stride lattice: features inside the mask come out the same as from the whole image (checked to the
+        last bit in tests/test_encoding.py), and a whole head's neck, face and air are never encoded. In 2D
+        mode the slices are encoded one by one, so along the slice axis two cells suffice."""
+        reach = self.backbone.reach
+        if mask is None or reach is None or self.is_3d:
+            return None
+        s = self.settings
+        m = np.asarray(mask, dtype=bool)
+        if m.shape != tuple(shape) or not m.any():
+            return None
+        g = s.grid_stride
+        align = max(self.backbone.pad_multiple // s.zoom, g, 1)  # the padding rule of _encode_slices
+        plane = math.ceil((reach + 2 * self.backbone.pad_multiple) / s.zoom) + 2 * g
+        box = []
+        for axis, n in enumerate(m.shape):
+            along = np.flatnonzero(m.any(axis=tuple(a for a in range(m.ndim) if a != axis)))
+            slice_axis = m.ndim == 3 and s.mode == "2d" and axis == s.slice_axis
+            margin, step = (2 * g, g) if slice_axis else (plane, align)
+            lo = max(0, (int(along[0]) - margin) // step * step)
+            box.append(slice(lo, min(n, int(along[-1]) + 1 + margin)))
+        return tuple(box)
+
+    def _in_box(self, image: np.ndarray, window: tuple[float, float], rgb: bool, box: tuple[slice, ...]) -> FeatureMap:
+        """`encode` of the box only, on the whole image's grid: cells outside the box hold zeros."""
+        part = self.encode(np.asarray(image)[box], window, rgb=rgb)
+        shape = np.shape(image)[:2] if rgb else np.shape(image)
+        g = self.settings.grid_stride
+        data = np.zeros((part.channels, *(math.ceil(n / g) for n in shape)), np.float32)
+        data[(slice(None), *(slice(b.start // g, b.start // g + c) for b, c in zip(box, part.grid_shape)))] = part.data
+        return FeatureMap(data, part.stride, tuple(shape), part.stage_channels)
 
     # ---------------------------------------------------------------- internals
 
@@ -284,6 +352,9 @@ class Encoder:
 
     def _encode_slices(self, slices: np.ndarray, channels: int) -> np.ndarray:
         """(n, channels, h, w) in [0, 1] -> (C, ceil(n/g), ceil(h/g), ceil(w/g))."""
+        import torch
+        import torch.nn.functional as F
+
         s = self.settings
         g, z = s.grid_stride, s.zoom
         n, _, h, w = slices.shape
@@ -310,6 +381,8 @@ class Encoder:
 
     def _encode_3d(self, vol: np.ndarray) -> np.ndarray:
         """3D backbone over sliding windows (MONAI sliding_window_inference with a zoomed output)."""
+        import torch
+        import torch.nn.functional as F
         from monai.inferers import sliding_window_inference
 
         s = self.settings

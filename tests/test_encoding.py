@@ -176,6 +176,36 @@ def test_one_window_for_both_visits(lite0, mni_slab):
         lite0.encode_pair(raw, raw[1:])
 
 
+@pytest.mark.parametrize("settings", [
+    EncoderSettings(stages=(1,), grid_stride=2),  # brain-mri's
+    EncoderSettings(stages=(1, 2)),
+    EncoderSettings(stages=(1,), zoom=2, slice_axis=2),
+    EncoderSettings(stages=(1,), mode="2.5d"),
+])
+def test_pair_encoded_inside_the_mask_box_equals_the_whole_image(settings):
+    """encode_pair encodes only the mask's box widened by the backbone's reach: the cells the mask reads (its
+    own and one beyond, for interpolation) must hold exactly what encoding the whole image gives."""
+    import nilearn
+
+    path = Path(nilearn.__file__).parent / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    vol = np.asarray(nib.load(path).dataobj, dtype=np.float32).transpose(2, 1, 0)[40:120, 20:220, 10:190]
+    rng = np.random.default_rng(0)
+    base, follow = vol, vol * 1.05 + rng.normal(0, 5, vol.shape).astype(np.float32)
+    mask = np.zeros(vol.shape, bool)
+    mask[30:45, 90:130, 80:115] = True  # off-centre, not on any stride lattice
+    encoder = Encoder(settings)
+    box = encoder.box(vol.shape, mask)
+    assert box is not None and np.prod([b.stop - b.start for b in box]) < 0.6 * vol.size  # it does crop
+    got = encoder.encode_pair(base, follow, mask)
+    window = got[2]
+    whole = encoder.encode(base, window), encoder.encode(follow, window)
+    g = got[0].stride
+    cells = tuple(slice(max(0, lo // s - 1), hi // s + 2) for lo, hi, s in zip((30, 90, 80), (44, 129, 114), g))
+    for crop, full in zip(got[:2], whole):
+        assert crop.data.shape == full.data.shape and crop.input_shape == full.input_shape
+        np.testing.assert_array_equal(crop.data[(slice(None), *cells)], full.data[(slice(None), *cells)])
+
+
 def test_random_encoder_is_seeded(mni_slab):
     vol = mni_slab[:4, :32, :32]
     a = Encoder(EncoderSettings(name="random")).features(vol)
@@ -275,6 +305,25 @@ def test_merlin_i3resnet152_from_package_loads_strictly(tmp_path, monkeypatch):
     vol = np.repeat(hu[None, ::2, ::2], 8, axis=0).astype(np.float32)  # 8 x 64 x 64
     fmap = enc.encode(vol, window=(-1000.0, 200.0))
     assert fmap.data.shape == (256, 2, 16, 16) and np.isfinite(fmap.data).all() and fmap.data.std() > 0
+
+
+def test_encoder_names_known_without_torch_are_the_backbone_families():
+    """encoding.ENCODER_DIMS (read when settings are checked, without importing torch) must list every family's
+    names with its dimensions, and nothing else."""
+    from longitudinal.backbones import FAMILIES
+    from longitudinal.encoding import ENCODER_DIMS
+
+    assert ENCODER_DIMS == {n: f.spatial_dims for f in FAMILIES for n in f.names}
+
+
+def test_reading_a_pipeline_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from longitudinal.pipeline import load; load('brain-mri'); load('generic-2d'); "
+            "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_settings_validate_and_accept_toml_lists():
