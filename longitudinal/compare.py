@@ -340,7 +340,7 @@ def findings_of(scores: PairScores, regions: list[Region], labels: np.ndarray | 
                          baseline_gray,
                          followup_gray, spacing_zyx, scoring.merge_mm, scoring.extent_fraction,
                          scoring.min_change, scoring.extent_floor, scoring.relative_change, scoring.min_volume_mm3,
-                         maps.evidence, maps.evidence_min)
+                         scoring.min_fine_change, maps.evidence, maps.evidence_min)
     found = [c for c in candidates if c.score > scores.threshold]
     pair_score = candidates[0].score if candidates else min(floor, float(scores.region_scores.max(initial=floor)))
     return found, float(pair_score)

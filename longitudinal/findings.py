@@ -36,7 +36,7 @@ def outline(groups_of: np.ndarray, signed: np.ndarray, fine: np.ndarray, inside:
             region_of_voxel: np.ndarray, region_scores: np.ndarray, baseline: np.ndarray, followup: np.ndarray,
             spacing_zyx, merge_mm: float, extent_fraction: float = 0.5, min_change: float = 4.0,
             extent_floor: float = 2.0, relative_change: float = 0.0, min_volume_mm3: float = 0.0,
-            evidence: np.ndarray | None = None, evidence_min: float = 0.5,
+            min_fine_change: float = 0.0, evidence: np.ndarray | None = None, evidence_min: float = 0.5,
             evidence_extent: float = 0.5) -> list[Finding]:
     """Findings of a pair, highest score first.
 
@@ -51,7 +51,9 @@ def outline(groups_of: np.ndarray, signed: np.ndarray, fine: np.ndarray, inside:
     `extent_fraction` of its plateau; its score is the best score of the regions holding them. So two lesions
     in one group are two findings, and a group with no measurable change of its tissue gives none. Pieces whose
     pooled change is under `relative_change` times the group's strongest (the halo harmonisation leaves around
-    a strong lesion, noise beside it) or smaller than `min_volume_mm3` are left out.
+    a strong lesion, noise beside it) or smaller than `min_volume_mm3` are left out. `min_fine_change` (0: off):
+    a piece whose unpooled change reaches it is a finding even under `min_change`, since pooling dilutes a change
+    of a few voxels.
 
     evidence: a supervised detector's own voxel map (the Siamese network's change probability). Its pieces are the
     changed tissue then, in place of the intensity gate: a model trained on labelled changes says where they are,
@@ -110,9 +112,10 @@ def outline(groups_of: np.ndarray, signed: np.ndarray, fine: np.ndarray, inside:
             for piece in range(1, n + 1):
                 where = pieces == piece
                 peak = float(pooled[where].max())
-                if peak < max(min_change, relative_change * strongest) or not (where & members).any():
-                    continue
                 peak_fine = float(detail[where].max())
+                changed = peak >= min_change or 0.0 < min_fine_change <= peak_fine
+                if not changed or peak < relative_change * strongest or not (where & members).any():
+                    continue
                 plateau = float(np.median(detail[where & (detail >= 0.5 * peak_fine)]))
                 tissue = where & (detail >= max(extent_floor, extent_fraction * plateau))
                 labels, _ = ndimage.label(tissue, structure)

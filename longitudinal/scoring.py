@@ -103,6 +103,9 @@ class ScoringSettings:
     extent_floor: float = 2.0  # changed tissue is at least this far out of the unpooled noise (noise units)
     relative_change: float = 0.0  # pieces under this fraction of their group's strongest change are left out
     min_volume_mm3: float = 0.0  # ... and pieces of changed tissue smaller than this
+    # > 0: a piece under min_change whose unpooled change reaches this (noise units) is a finding all the same:
+    # pooling dilutes a change of a few voxels below min_change. 0 = off
+    min_fine_change: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -122,6 +125,7 @@ class ScoringSettings:
                 f"must be 0 (off) or wider than pool_mm {self.pool_mm}")
         require(0.0 < self.tail_fraction < 1.0, "tail_fraction", "must be in (0, 1)")
         require(self.max_fit_regions >= 10, "max_fit_regions", "must be >= 10")
+        require(self.min_fine_change >= 0.0, "min_fine_change", "must be >= 0 (0: off)")
 
     def false_alarm_rate(self, n_independent: float) -> float:
         """Per-region rate for a pair of `n_independent` independent regions (capped below 1)."""

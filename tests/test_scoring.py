@@ -238,3 +238,26 @@ def test_scored_mask_keeps_the_voxels_farther_than_the_margin_from_anything_not_
         expect[z, y, x] = d > margin
     assert 0 < kept.sum() < compared.sum()
     np.testing.assert_array_equal(kept, expect)
+
+
+def test_a_tiny_lesion_under_the_pooled_gate_is_a_finding_by_its_unpooled_change_when_asked():
+    """min_fine_change: a piece whose pooled change stays under min_change (a few pixels, diluted by pooling) is a
+    finding when its unpooled change reaches the given level; off by default, and never outside scored regions."""
+    from longitudinal.findings import outline
+
+    shape = (40, 40)
+    groups = np.zeros(shape, bool)
+    groups[5:25, 5:25] = True
+    inside = np.ones(shape, bool)
+    region_of_voxel = np.where(groups, 0, -1)
+    image = np.full(shape, 100.0, np.float32)
+    fine = np.zeros(shape, np.float32)
+    pooled = np.zeros(shape, np.float32)
+    fine[10:12, 10:13] = 20.0  # 6 pixels far out of the unpooled noise ...
+    pooled[9:13, 9:14] = 8.0  # ... pooled to 8, under min_change 12
+    fine[30:32, 30:33] = 40.0  # as strong, outside every flagged region
+    common = (groups, pooled, fine, inside, region_of_voxel, np.array([5.0]), image, image, (1.0, 1.0), 3.0)
+    assert outline(*common, min_change=12.0) == []
+    found = outline(*common, min_change=12.0, min_fine_change=14.0)
+    assert len(found) == 1 and found[0].volume_mm3 == 6 and found[0].score == 5.0
+    assert outline(*common, min_change=12.0, min_fine_change=24.0) == []
