@@ -310,7 +310,7 @@ class Encoder:
             margin, step = (2 * g, g) if slice_axis else (plane, align)
             lo = max(0, (int(along[0]) - margin) // step * step)
             box.append(slice(lo, min(n, int(along[-1]) + 1 + margin)))
-        return tuple(box)
+        return None if all(b.stop - b.start == n for b, n in zip(box, m.shape)) else tuple(box)
 
     def _in_box(self, image: np.ndarray, window: tuple[float, float], rgb: bool, box: tuple[slice, ...]) -> FeatureMap:
         """`encode` of the box only, on the whole image's grid: cells outside the box hold zeros."""
